@@ -1,0 +1,208 @@
+"""S2-Attn on whole tiny models of several architectures, against the dense reference."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from s2_reference import dense_attention, s2_allowed
+from transformers import (
+    AttentionInterface,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
+from transformers.masking_utils import AttentionMaskInterface
+
+from longlora_plugin import disable_s2_attn, enable_s2_attn
+from longlora_plugin.s2_attn import s2_settings
+
+GROUP = 8
+LENGTH = 40
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=48,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+)
+
+
+def _configs():
+    return {
+        "llama": LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **COMMON),
+        "llama-9-3": LlamaConfig(num_attention_heads=9, num_key_value_heads=3, **{**COMMON, "hidden_size": 72}),
+        "llama-mqa": LlamaConfig(num_attention_heads=4, num_key_value_heads=1, **COMMON),
+        "mistral-window": MistralConfig(num_attention_heads=4, num_key_value_heads=2, sliding_window=6, **COMMON),
+        "qwen2": Qwen2Config(num_attention_heads=4, num_key_value_heads=2, **COMMON),
+        "qwen3": Qwen3Config(num_attention_heads=4, num_key_value_heads=2, head_dim=12, **COMMON),
+        "phi3": Phi3Config(num_attention_heads=4, num_key_value_heads=2, **COMMON),
+    }
+
+
+def _reference_attention(module, query, key, value, attention_mask, **kwargs):
+    """Dense S2 from the semantics; ``attention_mask`` is the raw 2D padding mask."""
+    batch, heads, length, _ = query.shape
+    pos = kwargs["position_ids"].expand(batch, length)
+    valid = torch.ones(batch, length, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    allowed = s2_allowed(pos, valid, heads, GROUP, kwargs.get("sliding_window"))
+    return dense_attention(query, key, value, allowed, kwargs["scaling"]), None
+
+
+AttentionInterface.register("s2_reference", _reference_attention)
+AttentionMaskInterface.register("s2_reference", lambda **kw: kw.get("attention_mask"))
+
+
+def _models(arch, backend="sdpa"):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_configs()[arch], attn_implementation=backend)
+    reference = copy.deepcopy(model)
+    reference.set_attn_implementation("s2_reference")
+    enable_s2_attn(model, group_size=GROUP)
+    return model, reference
+
+
+def _inputs(layout):
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 96, (2, LENGTH), generator=gen)
+    if layout == "padded":
+        mask = torch.ones(2, LENGTH, dtype=torch.long)
+        mask[1, 29:] = 0
+        return {"input_ids": ids, "attention_mask": mask}, mask.bool()
+    if layout == "packed":
+        pos = torch.cat([torch.arange(13), torch.arange(19), torch.arange(8)])[None].expand(2, -1)
+        return {"input_ids": ids, "position_ids": pos}, torch.ones(2, LENGTH, dtype=torch.bool)
+    return {"input_ids": ids}, torch.ones(2, LENGTH, dtype=torch.bool)
+
+
+def _forward_backward(model, inputs, valid):
+    model.train()
+    model.zero_grad()
+    logits = model(**inputs).logits
+    # O(1) gradients, so 1e-5 absolute is a real bound in fp32
+    weight = 0.05 * torch.randn(logits.shape, generator=torch.Generator().manual_seed(2)) * valid[..., None]
+    (logits * weight).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach() * valid[..., None], grads
+
+
+def _assert_same(a, b, atol=1e-5):
+    logits_a, grads_a = a
+    logits_b, grads_b = b
+    assert (logits_a - logits_b).abs().max() <= atol
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        assert (grads_a[name] - grads_b[name]).abs().max() <= atol, name
+
+
+@pytest.mark.parametrize("arch", list(_configs()))
+@pytest.mark.parametrize("layout", ["plain", "padded", "packed"])
+def test_model_matches_reference(arch, layout):
+    model, reference = _models(arch)
+    inputs, valid = _inputs(layout)
+    _assert_same(_forward_backward(model, inputs, valid), _forward_backward(reference, inputs, valid))
+
+
+@pytest.mark.parametrize("layout", ["plain", "packed"])
+def test_eager_backend_matches_reference(layout):
+    model, reference = _models("qwen2", backend="eager")
+    inputs, valid = _inputs(layout)
+    _assert_same(_forward_backward(model, inputs, valid), _forward_backward(reference, inputs, valid))
+
+
+@pytest.mark.parametrize("layout", ["plain", "packed"])
+def test_gradient_checkpointing(layout):
+    model, _ = _models("llama")
+    inputs, valid = _inputs(layout)
+    plain = _forward_backward(model, inputs, valid)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _assert_same(_forward_backward(model, inputs, valid), plain, atol=0)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    inputs = {**inputs}
+    _assert_same(_forward_backward(model, inputs, valid), plain, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@pytest.mark.parametrize("layout", ["plain", "padded", "packed"])
+def test_eval_mode_is_bit_identical(backend, layout):
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(_configs()["mistral-window"], attn_implementation=backend).eval()
+    s2 = enable_s2_attn(copy.deepcopy(base), group_size=GROUP).eval()
+    inputs, _ = _inputs(layout)
+    with torch.no_grad():
+        assert torch.equal(s2(**inputs).logits, base(**inputs).logits)
+
+
+def test_training_differs_from_full_attention():
+    """The patch really runs: in training, S2 logits differ from full attention's."""
+    model, _ = _models("llama")
+    inputs, _ = _inputs("plain")
+    model.train()
+    with torch.no_grad():
+        s2_logits = model(**inputs).logits
+        model.eval()
+        full_logits = model(**inputs).logits
+    # the first unshifted group is causal in both; later tokens lose their distant context
+    assert (s2_logits[:, GROUP:] - full_logits[:, GROUP:]).abs().max() > 1e-3
+
+
+def test_enable_disable_roundtrip_and_peft():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_configs()["llama"], attn_implementation="sdpa")
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    enable_s2_attn(peft_model, group_size_ratio=0.5)
+    assert model.config._attn_implementation.startswith("longlora_s2_sdpa")
+    assert s2_settings(peft_model).group_size_ratio == 0.5
+    enable_s2_attn(peft_model, group_size=4)  # re-enabling wraps the original backend
+    assert s2_settings(model).backend == "sdpa" and s2_settings(model).group_size == 4
+    disable_s2_attn(peft_model)
+    assert model.config._attn_implementation == "sdpa"
+    assert s2_settings(model) is None
+    disable_s2_attn(peft_model)  # no-op
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"group_size": 1}, "group_size=1 is invalid: it must be an integer >= 2"),
+        ({"group_size": 2.5}, "group_size=2.5 is invalid"),
+        ({"group_size_ratio": 0.0}, "group_size_ratio=0.0 is outside (0, 1]"),
+        ({"group_size_ratio": 1.5}, "group_size_ratio=1.5 is outside (0, 1]"),
+    ],
+)
+def test_bad_group_settings_are_rejected(kwargs, message):
+    model = AutoModelForCausalLM.from_config(_configs()["llama"], attn_implementation="sdpa")
+    with pytest.raises(ValueError) as err:
+        enable_s2_attn(model, **kwargs)
+    assert message in str(err.value)
+
+
+def test_ratio_too_small_for_the_row_is_a_clear_error():
+    model = enable_s2_attn(
+        AutoModelForCausalLM.from_config(_configs()["llama"], attn_implementation="sdpa"), group_size_ratio=0.1
+    ).train()
+    with pytest.raises(ValueError, match="group_size_ratio=0.1 on rows of 12 tokens gives group size 1"):
+        model(input_ids=torch.ones(1, 12, dtype=torch.long))
+
+
+def test_flash_backend_needs_flash_attn():
+    try:
+        import flash_attn  # noqa: F401
+
+        pytest.skip("flash-attn installed: covered by the GPU benchmark")
+    except ImportError:
+        pass
+    from longlora_plugin.s2_attn import _pretrained
+
+    model = AutoModelForCausalLM.from_config(_configs()["llama"], attn_implementation="sdpa")
+    _pretrained(model).config._attn_implementation_internal = "flash_attention_2"
+    with pytest.raises(ImportError, match="flash-attn package"):
+        enable_s2_attn(model)
