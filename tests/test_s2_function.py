@@ -64,7 +64,18 @@ def batches(draw):
     window = draw(st.one_of(st.none(), st.integers(1, 20)))
     backend = draw(st.sampled_from(BACKENDS))
     seed = draw(st.integers(0, 2**16))
-    return batch, heads, kv_heads, length, group, torch.tensor(rows), torch.tensor(valid), window, backend, seed
+    return (
+        batch,
+        heads,
+        kv_heads,
+        length,
+        group,
+        torch.tensor(rows),
+        torch.tensor(valid),
+        window,
+        backend,
+        seed,
+    )
 
 
 def _tensors(batch, heads, kv_heads, length, dim=8, seed=0):
@@ -94,7 +105,9 @@ def test_matches_dense_reference_outputs_and_gradients(case):
     keep = valid[:, :, None, None]
     assert torch.allclose(out * keep, ref * keep, atol=1e-5, rtol=0)
     assert torch.all(out[~valid] == 0), "padding queries output zeros"
-    for mine, theirs in zip(_grads(out, q, k, v, weight), _grads(ref, q, k, v, weight), strict=True):
+    for mine, theirs in zip(
+        _grads(out, q, k, v, weight), _grads(ref, q, k, v, weight), strict=True
+    ):
         assert torch.allclose(mine, theirs, atol=1e-5, rtol=0)
 
 
@@ -135,7 +148,9 @@ def test_eval_mode_calls_the_wrapped_backend_with_its_own_mask():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     q, k, v = _tensors(2, 4, 2, 20)
-    mask4d = torch.tril(torch.ones(20, 20, dtype=torch.bool))[None, None].expand(2, 1, 20, 20).clone()
+    mask4d = (
+        torch.tril(torch.ones(20, 20, dtype=torch.bool))[None, None].expand(2, 1, 20, 20).clone()
+    )
     mask4d[1, :, :, :5] = False
     calls = []
 
@@ -144,7 +159,9 @@ def test_eval_mode_calls_the_wrapped_backend_with_its_own_mask():
         return mask4d
 
     out = run_s2("sdpa", q, k, v, 4, torch.arange(20)[None], None, training=False, builder=builder)
-    expected, _ = sdpa_attention_forward(Attn(2).eval(), q, k, v, mask4d, scaling=8**-0.5, dropout=0.0)
+    expected, _ = sdpa_attention_forward(
+        Attn(2).eval(), q, k, v, mask4d, scaling=8**-0.5, dropout=0.0
+    )
     assert torch.equal(out, expected)
     assert len(calls) == 1
 
@@ -154,7 +171,9 @@ def test_group_larger_than_row_keeps_the_shifted_split():
     q, k, v = _tensors(1, 2, 2, 10)
     pos = torch.arange(10)[None]
     out = run_s2("sdpa", q, k, v, 16, pos, None)
-    ref = dense_attention(q, k, v, s2_allowed(pos, torch.ones(1, 10, dtype=torch.bool), 2, 16), 8**-0.5)
+    ref = dense_attention(
+        q, k, v, s2_allowed(pos, torch.ones(1, 10, dtype=torch.bool), 2, 16), 8**-0.5
+    )
     assert torch.allclose(out, ref, atol=1e-6)
 
 
@@ -164,7 +183,10 @@ def test_regular_pieces_cover_the_row_exactly():
             for shift in (0, group // 2):
                 pieces = regular_pieces(length, group, shift)
                 covered = [
-                    p.start + c * p.length + i for p in pieces for c in range(p.count) for i in range(p.length)
+                    p.start + c * p.length + i
+                    for p in pieces
+                    for c in range(p.count)
+                    for i in range(p.length)
                 ]
                 assert covered == list(range(length))
                 # every piece is one group under the rule (p + shift) // G
@@ -183,3 +205,54 @@ def test_segments_buckets_reassemble_valid_tokens():
     assert torch.equal(dests, valid.reshape(-1).nonzero().squeeze(1))
     assert torch.equal(seg.token_index, dests)
     assert int(seg.cu_seqlens[-1]) == int(valid.sum())
+
+
+def _varlen_stand_in(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p,
+    softmax_scale,
+    causal,
+    window_size,
+):
+    """flash-attn's documented varlen contract in plain torch (flash-attn needs CUDA):
+    causal attention inside each ``cu_seqlens`` span, keys at most ``window_size[0]`` back."""
+    assert causal and torch.equal(cu_seqlens_q, cu_seqlens_k) and cu_seqlens_q.dtype == torch.int32
+    assert max_seqlen_q == int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    out = torch.empty_like(q)
+    rep = q.shape[1] // k.shape[1]
+    for a, b in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(), strict=True):
+        n = b - a
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        allowed = (j <= i) & ((i - j <= window_size[0]) if window_size[0] >= 0 else True)
+        qs, ks, vs = (
+            x[a:b].transpose(0, 1)
+            for x in (q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))
+        )
+        scores = (qs @ ks.transpose(-1, -2)) * softmax_scale
+        out[a:b] = (scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ vs).transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_flash_varlen_plumbing_with_a_contract_stand_in(monkeypatch, window):
+    """Our cu_seqlens / token order / window for flash-attn, checked through its contract."""
+    import sys
+    import types
+
+    monkeypatch.setitem(
+        sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=_varlen_stand_in)
+    )
+    pos = torch.cat([torch.arange(11), torch.arange(17), torch.arange(2)])[None].expand(2, -1)
+    valid = torch.ones(2, 30, dtype=torch.bool)
+    valid[1, 25:] = False
+    q, k, v = _tensors(2, 6, 2, 30)
+    out = run_s2("flash_attention_2", q, k, v, 6, pos, valid, window)
+    ref = dense_attention(q, k, v, s2_allowed(pos, valid, 6, 6, window), 8**-0.5)
+    keep = valid[:, :, None, None]
+    assert torch.allclose(out * keep, ref * keep, atol=1e-5)

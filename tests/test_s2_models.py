@@ -36,9 +36,13 @@ COMMON = dict(
 def _configs():
     return {
         "llama": LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **COMMON),
-        "llama-9-3": LlamaConfig(num_attention_heads=9, num_key_value_heads=3, **{**COMMON, "hidden_size": 72}),
+        "llama-9-3": LlamaConfig(
+            num_attention_heads=9, num_key_value_heads=3, **{**COMMON, "hidden_size": 72}
+        ),
         "llama-mqa": LlamaConfig(num_attention_heads=4, num_key_value_heads=1, **COMMON),
-        "mistral-window": MistralConfig(num_attention_heads=4, num_key_value_heads=2, sliding_window=6, **COMMON),
+        "mistral-window": MistralConfig(
+            num_attention_heads=4, num_key_value_heads=2, sliding_window=6, **COMMON
+        ),
         "qwen2": Qwen2Config(num_attention_heads=4, num_key_value_heads=2, **COMMON),
         "qwen3": Qwen3Config(num_attention_heads=4, num_key_value_heads=2, head_dim=12, **COMMON),
         "phi3": Phi3Config(num_attention_heads=4, num_key_value_heads=2, **COMMON),
@@ -49,7 +53,11 @@ def _reference_attention(module, query, key, value, attention_mask, **kwargs):
     """Dense S2 from the semantics; ``attention_mask`` is the raw 2D padding mask."""
     batch, heads, length, _ = query.shape
     pos = kwargs["position_ids"].expand(batch, length)
-    valid = torch.ones(batch, length, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    valid = (
+        torch.ones(batch, length, dtype=torch.bool)
+        if attention_mask is None
+        else attention_mask.bool()
+    )
     allowed = s2_allowed(pos, valid, heads, GROUP, kwargs.get("sliding_window"))
     return dense_attention(query, key, value, allowed, kwargs["scaling"]), None
 
@@ -85,7 +93,11 @@ def _forward_backward(model, inputs, valid):
     model.zero_grad()
     logits = model(**inputs).logits
     # O(1) gradients, so 1e-5 absolute is a real bound in fp32
-    weight = 0.05 * torch.randn(logits.shape, generator=torch.Generator().manual_seed(2)) * valid[..., None]
+    weight = (
+        0.05
+        * torch.randn(logits.shape, generator=torch.Generator().manual_seed(2))
+        * valid[..., None]
+    )
     (logits * weight).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return logits.detach() * valid[..., None], grads
@@ -105,14 +117,18 @@ def _assert_same(a, b, atol=1e-5):
 def test_model_matches_reference(arch, layout):
     model, reference = _models(arch)
     inputs, valid = _inputs(layout)
-    _assert_same(_forward_backward(model, inputs, valid), _forward_backward(reference, inputs, valid))
+    _assert_same(
+        _forward_backward(model, inputs, valid), _forward_backward(reference, inputs, valid)
+    )
 
 
 @pytest.mark.parametrize("layout", ["plain", "packed"])
 def test_eager_backend_matches_reference(layout):
     model, reference = _models("qwen2", backend="eager")
     inputs, valid = _inputs(layout)
-    _assert_same(_forward_backward(model, inputs, valid), _forward_backward(reference, inputs, valid))
+    _assert_same(
+        _forward_backward(model, inputs, valid), _forward_backward(reference, inputs, valid)
+    )
 
 
 @pytest.mark.parametrize("layout", ["plain", "packed"])
@@ -131,7 +147,9 @@ def test_gradient_checkpointing(layout):
 @pytest.mark.parametrize("layout", ["plain", "padded", "packed"])
 def test_eval_mode_is_bit_identical(backend, layout):
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(_configs()["mistral-window"], attn_implementation=backend).eval()
+    base = AutoModelForCausalLM.from_config(
+        _configs()["mistral-window"], attn_implementation=backend
+    ).eval()
     s2 = enable_s2_attn(copy.deepcopy(base), group_size=GROUP).eval()
     inputs, _ = _inputs(layout)
     with torch.no_grad():
@@ -187,9 +205,12 @@ def test_bad_group_settings_are_rejected(kwargs, message):
 
 def test_ratio_too_small_for_the_row_is_a_clear_error():
     model = enable_s2_attn(
-        AutoModelForCausalLM.from_config(_configs()["llama"], attn_implementation="sdpa"), group_size_ratio=0.1
+        AutoModelForCausalLM.from_config(_configs()["llama"], attn_implementation="sdpa"),
+        group_size_ratio=0.1,
     ).train()
-    with pytest.raises(ValueError, match="group_size_ratio=0.1 on rows of 12 tokens gives group size 1"):
+    with pytest.raises(
+        ValueError, match="group_size_ratio=0.1 on rows of 12 tokens gives group size 1"
+    ):
         model(input_ids=torch.ones(1, 12, dtype=torch.long))
 
 

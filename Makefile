@@ -1,0 +1,45 @@
+# Two commands on a fresh machine: `make test` and `make demo`. Both create .venv when needed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# Offline, no telemetry: without AXOLOTL_DO_NOT_TRACK axolotl hangs at exit with no network.
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export WANDB_MODE := disabled
+export AXOLOTL_DO_NOT_TRACK := 1
+export DO_NOT_TRACK := 1
+export TOKENIZERS_PARALLELISM := false
+# Tiny models on 2 cores: one OpenMP thread is ~10x faster (oversubscription otherwise)
+demo: export OMP_NUM_THREADS := 1
+export PYTHONWARNINGS := ignore::DeprecationWarning
+
+.PHONY: venv test lint demo bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned to the CPU build: an unpinned resolve would pull a multi-GB CUDA build
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: venv lint
+	$(PY) -m pytest -q
+
+demo: venv
+	$(PY) -m longlora_plugin.quickstart
+
+bench: venv
+	$(PY) benchmarks/s2_attn_bench.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

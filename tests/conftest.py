@@ -1,0 +1,71 @@
+"""Shared pytest setup: offline/no-telemetry environment, Axolotl plugin-state reset,
+tiny-model and dataset fixtures (helpers live in ``longlora_plugin.tiny_models``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from longlora_plugin.tiny_models import OFFLINE_ENV, build_tiny_model, write_text_dataset  # noqa: E402
+
+# Set before anything imports huggingface_hub/transformers/axolotl: they read these at
+# import time. AXOLOTL_DO_NOT_TRACK=1 is mandatory offline (telemetry flush hangs).
+os.environ.update(OFFLINE_ENV)
+
+
+def _reset_axolotl_plugins() -> None:
+    """Empty Axolotl's PluginManager singleton in place.
+
+    The instance is kept (not replaced): ``axolotl.loaders.*`` and ``axolotl.train``
+    bind it to module-level ``PLUGIN_MANAGER`` at import time. Nothing is imported if
+    Axolotl was never loaded in this process.
+    """
+    module = sys.modules.get("axolotl.integrations.base")
+    if module is None:
+        return
+    manager = module.PluginManager.get_instance()
+    manager.plugins.clear()
+    manager.cfg = None
+
+
+@pytest.fixture(autouse=True)
+def offline_and_fresh_plugins(monkeypatch: pytest.MonkeyPatch):
+    """Every test: offline/no-telemetry env vars and an empty Axolotl plugin registry."""
+    for key, value in OFFLINE_ENV.items():
+        monkeypatch.setenv(key, value)
+    _reset_axolotl_plugins()
+    yield
+    _reset_axolotl_plugins()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory):
+    """``make(arch="llama", **config_overrides) -> Path``: build (once per distinct
+    arguments in the session) a tiny random-weight model directory with tokenizer."""
+    cache: dict[tuple, Path] = {}
+
+    def make(arch: str = "llama", **overrides) -> Path:
+        key = (arch, tuple(sorted(overrides.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"tiny-{arch}")
+            cache[key] = build_tiny_model(out, arch=arch, **overrides)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model_factory) -> Path:
+    """Tiny Llama (hidden 64, 2 layers, 4 heads / 2 KV heads, context 64)."""
+    return tiny_model_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def text_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """jsonl of 64 ``{"text": ...}`` documents, about 45-250 tiny-tokenizer tokens each."""
+    return write_text_dataset(tmp_path_factory.mktemp("data") / "data.jsonl")
