@@ -6,6 +6,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from s2_reference import dense_attention, s2_allowed
 from transformers import (
     AttentionInterface,
@@ -49,29 +51,33 @@ def _configs():
     }
 
 
-def _reference_attention(module, query, key, value, attention_mask, **kwargs):
-    """Dense S2 from the semantics; ``attention_mask`` is the raw 2D padding mask."""
-    batch, heads, length, _ = query.shape
-    pos = kwargs["position_ids"].expand(batch, length)
-    valid = (
-        torch.ones(batch, length, dtype=torch.bool)
-        if attention_mask is None
-        else attention_mask.bool()
-    )
-    allowed = s2_allowed(pos, valid, heads, GROUP, kwargs.get("sliding_window"))
-    return dense_attention(query, key, value, allowed, kwargs["scaling"]), None
+def _reference_backend(group: int) -> str:
+    """Register (once) a dense S2 reference backend for ``group``; return its name. Its
+    mask builder hands over the raw 2D padding mask."""
+    name = f"s2_reference_g{group}"
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        batch, heads, length, _ = query.shape
+        pos = kwargs["position_ids"].expand(batch, length)
+        valid = (
+            torch.ones(batch, length, dtype=torch.bool)
+            if attention_mask is None
+            else attention_mask.bool()
+        )
+        allowed = s2_allowed(pos, valid, heads, group, kwargs.get("sliding_window"))
+        return dense_attention(query, key, value, allowed, kwargs["scaling"]), None
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, lambda **kw: kw.get("attention_mask"))
+    return name
 
 
-AttentionInterface.register("s2_reference", _reference_attention)
-AttentionMaskInterface.register("s2_reference", lambda **kw: kw.get("attention_mask"))
-
-
-def _models(arch, backend="sdpa"):
+def _models(arch, backend="sdpa", group=GROUP):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(_configs()[arch], attn_implementation=backend)
     reference = copy.deepcopy(model)
-    reference.set_attn_implementation("s2_reference")
-    enable_s2_attn(model, group_size=GROUP)
+    reference.set_attn_implementation(_reference_backend(group))
+    enable_s2_attn(model, group_size=group)
     return model, reference
 
 
@@ -227,3 +233,31 @@ def test_flash_backend_needs_flash_attn():
     _pretrained(model).config._attn_implementation_internal = "flash_attention_2"
     with pytest.raises(ImportError, match="flash-attn package"):
         enable_s2_attn(model)
+
+
+@st.composite
+def model_batches(draw):
+    """A random architecture, group size and per-row layout (packing and right padding)."""
+    arch = draw(st.sampled_from(["llama-9-3", "llama-mqa", "mistral-window", "qwen3", "phi3"]))
+    group = draw(st.integers(2, 24))
+    rows_pos, rows_valid = [], []
+    for _ in range(2):
+        pad = draw(st.integers(0, 12))
+        pos = []
+        while len(pos) < LENGTH - pad:
+            pos.extend(range(draw(st.integers(1, LENGTH - pad - len(pos)))))
+        rows_pos.append(pos + list(range(pad)))
+        rows_valid.append([True] * (LENGTH - pad) + [False] * pad)
+    return arch, group, torch.tensor(rows_pos), torch.tensor(rows_valid)
+
+
+@settings(max_examples=20, deadline=None)
+@given(model_batches())
+def test_model_matches_reference_property(case):
+    arch, group, pos, valid = case
+    model, reference = _models(arch, group=group)
+    ids = torch.randint(1, 96, (2, LENGTH), generator=torch.Generator().manual_seed(3))
+    inputs = {"input_ids": ids, "position_ids": pos, "attention_mask": valid.long()}
+    _assert_same(
+        _forward_backward(model, inputs, valid), _forward_backward(reference, inputs, valid)
+    )
