@@ -1,0 +1,5 @@
+import sys
+
+from longlora_plugin.cli import main
+
+sys.exit(main())

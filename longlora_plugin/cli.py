@@ -1,0 +1,34 @@
+"""``longlora`` console script (also ``python -m longlora_plugin``).
+
+Each subcommand lives in its own module exposing ``add_parser(subparsers)``, which
+registers its parser and sets ``func`` (called with the parsed ``argparse.Namespace``,
+returning an exit code). Modules are listed in ``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# module path -> one-line help; each module defines add_parser(subparsers)
+COMMANDS: dict[str, str] = {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="longlora", description="LongLoRA for Axolotl: tools around training."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for module in COMMANDS:
+        importlib.import_module(module).add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
