@@ -12,7 +12,10 @@ import importlib
 import sys
 
 # module path -> one-line help; each module defines add_parser(subparsers)
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "longlora_plugin.eval_cli": "eval ppl / eval passkey: perplexity by context length, passkey retrieval",
+    "longlora_plugin.validate": "validate a config offline; resolved settings and memory estimate",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

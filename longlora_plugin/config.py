@@ -98,6 +98,117 @@ class LongLoRARopeConfig(BaseModel):
         return int(value)
 
 
+EVAL_CONVENTIONS: tuple[str, ...] = ("window-mean", "sliding-window")
+
+
+class LongLoRAEvalConfig(BaseModel):
+    """``longlora.eval``: evaluation run once at the end of ``axolotl train`` (opt-in),
+    with full attention, results in ``<output_dir>/longlora_eval/``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ppl_lengths: list[int] = Field(
+        default_factory=list,
+        description="Context lengths (tokens) for perplexity; needs data. Empty: no perplexity.",
+    )
+    data: str | None = Field(
+        default=None,
+        description=(
+            "Evaluation text: a .txt file, a directory of .txt files, a .jsonl file, or a "
+            "dataset available locally (load_from_disk / load_dataset offline)."
+        ),
+    )
+    text_field: str = Field(default="text", description="JSONL/dataset field holding the text.")
+    split: str | None = Field(
+        default=None, description="Dataset split (default: test, else validation, else train)."
+    )
+    max_docs: int | None = Field(default=None, description="Use only the first N documents.")
+    conventions: list[Literal["window-mean", "sliding-window"]] = Field(
+        default_factory=lambda: list(EVAL_CONVENTIONS),
+        description=(
+            "Perplexity conventions: window-mean (paper: token stream, every token scored) "
+            "and/or sliding-window (YaRN-style: per document, new tokens only)."
+        ),
+    )
+    stride: int = Field(default=256, description="Window stride in tokens (the paper uses 256).")
+    max_windows: int | None = Field(
+        default=32, description="Cap on windows per length and convention (null: all)."
+    )
+    batch_size: int = Field(default=1, description="Windows per forward pass.")
+    passkey_lengths: list[int] = Field(
+        default_factory=list,
+        description="Prompt lengths (tokens) for passkey retrieval. Empty: no passkey test.",
+    )
+    passkey_depths: list[float] = Field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
+        description="Key depths as fractions of the filler (0 = start, 1 = end).",
+    )
+    passkey_trials: int = Field(default=10, description="Passkeys per (length, depth) cell.")
+    seed: int = Field(default=0, description="Seed of the passkeys.")
+
+    @field_validator("ppl_lengths", "passkey_lengths", mode="before")
+    @classmethod
+    def _check_lengths(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        if isinstance(value, (int, str)) or not isinstance(value, (list, tuple)):
+            raise ValueError("is not a list; allowed: a list of integers >= 2")
+        if any(not _is_number(v) or int(v) != v or v < 2 for v in value):
+            raise ValueError("contains a value that is not an integer >= 2")
+        return [int(v) for v in value]
+
+    @field_validator("passkey_depths", mode="before")
+    @classmethod
+    def _check_depths(cls, value: Any) -> Any:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ValueError("is not a non-empty list; allowed: numbers in [0, 1]")
+        if any(not _is_number(v) or not 0 <= v <= 1 for v in value):
+            raise ValueError("contains a value outside [0, 1]")
+        return [float(v) for v in value]
+
+    @field_validator("conventions", mode="before")
+    @classmethod
+    def _check_conventions(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ValueError(f"is not a non-empty list; allowed: {', '.join(EVAL_CONVENTIONS)}")
+        bad = [v for v in value if v not in EVAL_CONVENTIONS]
+        if bad:
+            raise ValueError(f"contains {bad!r}; allowed: {', '.join(EVAL_CONVENTIONS)}")
+        return list(dict.fromkeys(value))
+
+    @field_validator("stride", "batch_size", "passkey_trials", mode="before")
+    @classmethod
+    def _check_positive(cls, value: Any) -> Any:
+        if not _is_number(value) or int(value) != value or value < 1:
+            raise ValueError("is not a positive integer; allowed: an integer >= 1")
+        return int(value)
+
+    @field_validator("max_windows", "max_docs", mode="before")
+    @classmethod
+    def _check_positive_or_null(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not _is_number(value) or int(value) != value or value < 1:
+            raise ValueError("is not a positive integer; allowed: an integer >= 1")
+        return int(value)
+
+    @model_validator(mode="after")
+    def _check_work(self) -> LongLoRAEvalConfig:
+        if not self.ppl_lengths and not self.passkey_lengths:
+            raise ValueError(
+                "has neither ppl_lengths nor passkey_lengths; set at least one (or remove "
+                "the block)"
+            )
+        if self.ppl_lengths and not self.data:
+            raise ValueError(
+                f"has ppl_lengths={self.ppl_lengths} but no data; set longlora.eval.data "
+                "(a text file, directory, .jsonl or local dataset)"
+            )
+        return self
+
+
 class LongLoRAConfig(BaseModel):
     """The ``longlora:`` block: which LongLoRA ingredients to apply and how."""
 
@@ -135,6 +246,13 @@ class LongLoRAConfig(BaseModel):
     rope: LongLoRARopeConfig = Field(
         default_factory=LongLoRARopeConfig,
         description="RoPE position interpolation settings.",
+    )
+    eval: LongLoRAEvalConfig | None = Field(
+        default=None,
+        description=(
+            "Opt-in evaluation (perplexity by length, passkey retrieval) run once at the "
+            "end of axolotl train, with full attention; results in output_dir/longlora_eval/."
+        ),
     )
 
     @field_validator("s2_attn", mode="before")
@@ -219,6 +337,7 @@ class LongLoRAArgs(BaseModel):
 _MODELS_BY_PATH: dict[tuple[str, ...], type[BaseModel]] = {
     (): LongLoRAConfig,
     ("rope",): LongLoRARopeConfig,
+    ("eval",): LongLoRAEvalConfig,
 }
 
 

@@ -13,7 +13,8 @@ Hook use (Axolotl 0.19; the same hooks exist in 0.21):
 * ``post_model_load`` - dynamic NTK only: undoes Axolotl's raise of
   ``max_position_embeddings`` (dynamic NTK reads it as the pre-training length).
 * ``post_train`` (called twice by Axolotl) - switches back to the wrapped attention
-  backend; idempotent.
+  backend; idempotent. With ``longlora.eval`` it evaluates the trained model once, at
+  the second call (after the model is saved), into ``<output_dir>/longlora_eval/``.
 * ``post_lora_merge`` (0.21+ only) - writes the RoPE into the merged ``config.json``.
 
 Without a ``longlora:`` block every hook returns immediately and ``cfg`` is untouched.
@@ -41,6 +42,7 @@ INPUT_ARGS = "longlora_plugin.config.LongLoRAArgs"
 LORA_ADAPTERS = ("lora", "qlora")
 S2_BACKENDS_FALLBACK = ("sdpa", "eager", "flash_attention_2")
 MERGE_BASE_DIR = ".longlora_merge_base"
+EVAL_DIR = "longlora_eval"
 # Axolotl's legacy boolean attention flags -> attn_implementation (utils/schemas/enums.py).
 LEGACY_ATTN_FLAGS = {
     "xformers_attention": "xformers",
@@ -59,6 +61,7 @@ class LongLoRAPlugin(BasePlugin):
         super().__init__()
         self._rope: RopeResolution | None = None
         self._s2_on: bool = False
+        self._post_train_calls: int = 0
 
     # ------------------------------------------------------------------ schema
     def get_input_args(self) -> str:
@@ -84,6 +87,7 @@ class LongLoRAPlugin(BasePlugin):
         settings = parse_longlora(cfg["longlora"])
         sequence_len = _sequence_len(cfg)
         check_combinations(cfg, settings, sequence_len)
+        check_eval_data(settings)
 
         base_name = cfg.get("base_model_config") or cfg.get("base_model")
         if not base_name:
@@ -144,16 +148,66 @@ class LongLoRAPlugin(BasePlugin):
             config.max_position_embeddings = self._rope.original
 
     def post_train(self, cfg: Any, model: Any) -> None:
-        """Switch back to the wrapped (full) attention backend; safe to call repeatedly."""
-        if cfg.get("longlora") is None or not self._s2_on:
-            return
-        from longlora_plugin import s2_attn
+        """Switch back to the wrapped (full) attention backend; safe to call repeatedly.
 
-        disable = getattr(s2_attn, "disable_s2_attn", None)
-        if disable is not None:
-            disable(model)
+        With ``longlora.eval``: Axolotl calls this hook twice, right after training and
+        again after saving the model; the evaluation runs once, at the second call.
+        """
+        if cfg.get("longlora") is None:
+            return
+        self._post_train_calls += 1
+        if self._s2_on:
+            from longlora_plugin.s2_attn import disable_s2_attn
+
+            disable_s2_attn(model)
             _info("longlora: training done, S2-Attn off (full attention from here on)")
-        self._s2_on = False
+            self._s2_on = False
+        settings = parse_longlora(cfg["longlora"])
+        if settings.eval is not None and self._post_train_calls == 2:
+            self._run_eval(cfg, settings, model)
+
+    def _run_eval(self, cfg: Any, settings: LongLoRAConfig, model: Any) -> None:
+        """``longlora.eval`` on the trained in-memory model, into output_dir/longlora_eval."""
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            LOG.warning(
+                "longlora: longlora.eval skipped in a multi-process run (the model may be "
+                "sharded); run `longlora eval ppl|passkey` on %s instead",
+                cfg.get("output_dir"),
+            )
+            return
+        from transformers import AutoTokenizer
+
+        from longlora_plugin.evaluation.runner import evaluate_trained
+
+        spec = settings.eval
+        output_dir = Path(cfg.get("output_dir") or "./model-out")
+        out_dir = output_dir / EVAL_DIR
+        rope = self._rope or self._resolve_again(cfg, settings, _sequence_len(cfg))
+        _info("longlora: eval (full attention) into %s", out_dir)
+        written = evaluate_trained(
+            model,
+            AutoTokenizer.from_pretrained(str(output_dir)),
+            out_dir,
+            name=output_dir.name,
+            ppl_lengths=spec.ppl_lengths,
+            data=spec.data,
+            text_field=spec.text_field,
+            split=spec.split,
+            max_docs=spec.max_docs,
+            conventions=spec.conventions,
+            stride=spec.stride,
+            max_windows=spec.max_windows,
+            batch_size=spec.batch_size,
+            passkey_lengths=spec.passkey_lengths,
+            passkey_depths=spec.passkey_depths,
+            passkey_trials=spec.passkey_trials,
+            seed=spec.seed,
+            original_length=rope.original or None,
+            trained_length=_sequence_len(cfg),
+            echo=lambda table: _info("longlora: eval results\n%s", table),
+        )
+        for kind, paths in written.items():
+            _info("longlora: eval %s written: %s", kind, ", ".join(str(p) for p in paths.values()))
 
     def post_lora_merge(self, cfg: Any, adapter_path: str, output_path: str) -> None:
         """Axolotl >= 0.21: write the RoPE parameters into the merged ``config.json``."""
@@ -226,6 +280,23 @@ def check_combinations(cfg: Any, settings: LongLoRAConfig, sequence_len: int) ->
                 f"{key}={cfg.get(key)!r}: longlora.s2_attn wraps only {', '.join(backends)}; "
                 "change attn_implementation or set longlora.s2_attn: false"
             )
+
+
+def check_eval_data(settings: LongLoRAConfig) -> None:
+    """Fail before training when ``longlora.eval.data`` is a local path that does not
+    exist (a dataset name is only checked when the evaluation loads it)."""
+    data = settings.eval.data if settings.eval is not None else None
+    if not data:
+        return
+    path = Path(data)
+    looks_local = path.suffix in (".txt", ".md", ".json", ".jsonl") or data.startswith(
+        (".", "/", "~")
+    )
+    if looks_local and not path.expanduser().exists():
+        raise LongLoRAConfigError(
+            f"longlora.eval.data={data!r} does not exist; allowed: a .txt file, a directory "
+            "of .txt files, a .jsonl file or a dataset available locally"
+        )
 
 
 def attention_implementation(cfg: Any) -> tuple[str | None, str]:

@@ -513,3 +513,26 @@ def _plugins() -> dict[str, Any]:
     from axolotl.integrations.base import PluginManager
 
     return PluginManager.get_instance().plugins
+
+
+# ------------------------------------------------------------------ longlora.eval
+def test_eval_block_passes_axolotl_validation(cfg_for, text_dataset):
+    block = {"eval": {"ppl_lengths": [64, 256], "data": str(text_dataset), "max_windows": 4}}
+    loaded = load(cfg_for(longlora=block))
+    evaluation = dict(loaded.longlora["eval"])
+    assert evaluation["ppl_lengths"] == [64, 256] and evaluation["max_windows"] == 4
+    assert evaluation["conventions"] == ["window-mean", "sliding-window"]
+
+
+def test_eval_block_errors_before_training(cfg_for, tmp_path):
+    missing = str(tmp_path / "missing.jsonl")
+    assert_error(
+        cfg_for(longlora={"eval": {"ppl_lengths": [64], "data": missing}}),
+        f"longlora.eval.data={missing!r}",
+        "does not exist",
+    )
+    assert_error(
+        cfg_for(longlora={"eval": {"passkey_lengths": [256], "passkey_trials": 0}}),
+        "longlora.eval.passkey_trials=0",
+        "integer >= 1",
+    )

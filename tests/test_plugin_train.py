@@ -10,7 +10,8 @@ imports and dataset preparation each one spends single-threaded) and every run u
 Runs (tiny models: hidden 64, 2 layers, pre-training context 64; sequence_len 256):
 
 * ``llama_lora_packed_s2``  - Llama, LoRA, sample packing, S2-Attn (ratio 0.25 -> G 64),
-  RoPE linear auto (factor 4); then ``axolotl merge-lora``.
+  RoPE linear auto (factor 4), the opt-in ``longlora.eval`` at the end of training; then
+  ``axolotl merge-lora``; then ``longlora eval`` on its adapter and merged directories.
 * ``llama_lora_packed_full`` - the same with ``s2_attn: false`` (S2 must change training).
 * ``qwen2_tied_lora_s2`` - Qwen2 with tied embeddings, LoRA, no packing, S2-Attn,
   ``trainable_params: [embed, norm, lm_head]``; then ``axolotl merge-lora``.
@@ -75,10 +76,19 @@ LORA: dict[str, Any] = {
 # A checkpoint at the last step keeps trainer_state.json, whose log_history has the
 # unrounded losses (the console shows 4 digits).
 CHECKPOINT: dict[str, Any] = {"save_strategy": "steps", "save_steps": COMMON["max_steps"]}
+# longlora.eval for llama_lora_packed_s2 (``data`` is filled in with the run's dataset).
+EVAL_BLOCK: dict[str, Any] = {
+    "ppl_lengths": [64, 128, 256],  # no document reaches 256 tokens: sliding-window has none
+    "max_windows": 2,
+    "passkey_lengths": [256],
+    "passkey_depths": [0.5],
+    "passkey_trials": 2,
+}
 RUNS: dict[str, dict[str, Any]] = {
     "llama_lora_packed_s2": {
         "arch": "llama",
         "cfg": {**LORA, **CHECKPOINT, "sample_packing": True, "longlora": {}},
+        "eval": EVAL_BLOCK,
     },
     "llama_lora_packed_full": {
         "arch": "llama",
@@ -188,6 +198,11 @@ def runs(workdir: Path, base_models: dict[str, Path]):
                 "dataset_prepared_path": str(run_dir / "prepared"),
                 "output_dir": str(run_dir / "out"),
             }
+            if "eval" in spec:
+                cfg["longlora"] = {
+                    **cfg["longlora"],
+                    "eval": {**spec["eval"], "data": str(dataset)},
+                }
             cfg_path = run_dir / "cfg.yml"
             cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
             started[name] = AxolotlRun.start(name, "axolotl.cli.train", cfg_path, run_dir / "out")
@@ -382,3 +397,77 @@ def test_s2_attn_changes_training(runs):
     s2_losses, full_losses = _losses(with_s2), _losses(without)
     assert len(s2_losses) == len(full_losses) == COMMON["max_steps"]
     assert abs(s2_losses[0] - full_losses[0]) > 1e-4, (s2_losses, full_losses)
+
+
+def test_end_of_training_eval_runs_once_with_full_attention(runs):
+    run = runs["llama_lora_packed_s2"]
+    text = run.log()
+    eval_dir = run.out_dir / "longlora_eval"
+    for name in ("ppl.json", "ppl.md", "ppl.png", "passkey.json", "passkey.md", "passkey.png"):
+        assert (eval_dir / name).is_file(), name
+    # (debug.log is rewritten by the later merge-lora run: read the training output)
+    assert text.count("longlora: eval (full attention) into") == 1
+    assert "Perplexity, window-mean convention" in text
+    ppl = json.loads((eval_dir / "ppl.json").read_text())
+    (model,) = ppl["models"]
+    assert model["attn_implementation"] == "sdpa"  # S2-Attn switched off
+    assert (model["original_length"], model["trained_length"]) == (64, SEQUENCE_LEN)
+    assert model["rope_parameters"]["factor"] == 4.0
+    assert {(r["convention"], r["length"]) for r in ppl["results"]} == {
+        (c, n) for c in ("window-mean", "sliding-window") for n in EVAL_BLOCK["ppl_lengths"]
+    }
+    for r in ppl["results"]:
+        assert 1 <= r["windows"] <= 2 or (r["convention"], r["length"]) == ("sliding-window", 256)
+        assert (r["ppl"] is None) == (r["windows"] == 0), r
+    passkey = json.loads((eval_dir / "passkey.json").read_text())
+    assert [(r["length"], r["depth"], r["trials"]) for r in passkey["results"]] == [(256, 0.5, 2)]
+
+
+def test_eval_cli_on_adapter_and_merged_dirs(merged, runs, base_models, workdir, tmp_path, capsys):
+    """``longlora eval`` on the base (plain and interpolation-only), the adapter output
+    dir and the merged dir: the adapter (base + adapter + the run's RoPE) and the merged
+    model give the same perplexity and passkey answers, and the same perplexity as the
+    end-of-training evaluation of the in-memory model."""
+    from longlora_plugin.cli import main
+
+    name = "llama_lora_packed_s2"
+    adapter, merged_dir, base = runs[name].out_dir, merged[name], base_models["llama"]
+    models = [f"base={base}", f"pi4={base}", f"adapter={adapter}", f"merged={merged_dir}"]
+    model_args = [arg for m in models for arg in ("--model", m)] + ["--rope", "pi4=linear:4"]
+    lengths = ",".join(str(n) for n in EVAL_BLOCK["ppl_lengths"])
+    common = [*model_args, "--lengths", lengths, "--device", "cpu", "--no-progress"]
+    assert (
+        main(
+            ["eval", "ppl", *common, "--data", str(workdir / "data.jsonl"), "--max-windows", "2"]
+            + ["--out", str(tmp_path / "ppl")]
+        )
+        == 0
+    )
+    ppl = json.loads((tmp_path / "ppl" / "ppl.json").read_text())
+    info = {m["name"]: m for m in ppl["models"]}
+    assert info["adapter"]["kind"] == "adapter" and info["pi4"]["kind"] == "interpolation-only"
+    for key in ("adapter", "merged"):
+        assert info[key]["rope_parameters"]["factor"] == 4.0
+        assert (info[key]["original_length"], info[key]["trained_length"]) == (64, SEQUENCE_LEN)
+    by = {(r["model"], r["convention"], r["length"]): r["ppl"] for r in ppl["results"]}
+    in_memory = json.loads((adapter / "longlora_eval" / "ppl.json").read_text())["results"]
+    for row in in_memory:
+        key = (row["convention"], row["length"])
+        if row["ppl"] is None:  # no window at this length
+            assert by[("adapter", *key)] is None and by[("merged", *key)] is None
+            continue
+        assert by[("adapter", *key)] == pytest.approx(by[("merged", *key)], rel=1e-5)
+        assert by[("adapter", *key)] == pytest.approx(row["ppl"], rel=1e-4)
+        assert by[("adapter", *key)] != pytest.approx(by[("pi4", *key)], rel=1e-4)
+
+    assert (
+        main(
+            ["eval", "passkey", *common, "--lengths", "256", "--depths", "0.5", "--trials", "2"]
+            + ["--out", str(tmp_path / "passkey")]
+        )
+        == 0
+    )
+    trials = json.loads((tmp_path / "passkey" / "passkey.json").read_text())["trials"]
+    answers = {m: [t["answer"] for t in trials if t["model"] == m] for m in ("adapter", "merged")}
+    assert answers["adapter"] == answers["merged"] and len(answers["adapter"]) == 2
+    assert "Passkey retrieval accuracy" in capsys.readouterr().out

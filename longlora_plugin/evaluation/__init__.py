@@ -1,0 +1,17 @@
+"""Long-context evaluation: perplexity by context length and passkey retrieval.
+
+Modules, one job each (none imports Axolotl):
+
+* :mod:`.texts` - read evaluation documents (text files, a directory, JSONL, a local
+  Hugging Face dataset);
+* :mod:`.models` - load a model for evaluation (model dir, interpolation-only RoPE
+  override, adapter output dir, merged dir), always with full attention;
+* :mod:`.loss` - per-token negative log-likelihood from hidden states, ``lm_head``
+  applied in chunks (no full-vocabulary logits for a whole long window);
+* :mod:`.perplexity` - the two perplexity conventions (``window-mean``,
+  ``sliding-window``);
+* :mod:`.passkey` - passkey prompts in the paper's format and greedy retrieval;
+* :mod:`.report` - JSON, markdown tables and PNG plots;
+* :mod:`.runner` - the evaluations over several models and lengths, as used by the
+  ``longlora eval`` CLI and the plugin's end-of-training step.
+"""

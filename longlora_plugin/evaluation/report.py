@@ -1,0 +1,211 @@
+"""Outputs of an evaluation: JSON, markdown tables and PNG plots (matplotlib, Agg).
+
+The payloads are the dicts built by :mod:`longlora_plugin.evaluation.runner`:
+
+* perplexity: ``{"evaluation": "perplexity", "conventions": {name: description},
+  "settings": {...}, "models": [model info], "results": [{"model", "convention",
+  "length", "ppl", ...}]}``;
+* passkey: ``{"evaluation": "passkey", "settings": {...}, "models": [...],
+  "results": [{"model", "length", "depth", "correct", "trials", "accuracy"}],
+  "trials": [per-trial records]}``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` as indented JSON (NaN/inf are not produced: missing = null)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return path
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}" if value < 1e4 else f"{value:.3g}"
+
+
+def _models(payload: dict[str, Any]) -> list[str]:
+    return [m["name"] for m in payload["models"]]
+
+
+def ppl_table(payload: dict[str, Any]) -> str:
+    """One markdown table per convention: rows = models, columns = lengths, plus the
+    model's mean tokens/s; the convention's definition as the caption."""
+    results = payload["results"]
+    lengths = sorted({r["length"] for r in results})
+    blocks = []
+    for convention, description in payload["conventions"].items():
+        rows = [r for r in results if r["convention"] == convention]
+        if not rows:
+            continue
+        lines = [
+            f"Perplexity, {convention} convention ({description})",
+            "",
+            "| model | " + " | ".join(str(n) for n in lengths) + " | tokens/s |",
+            "|---|" + "---:|" * (len(lengths) + 1),
+        ]
+        for name in _models(payload):
+            mine = {r["length"]: r for r in rows if r["model"] == name}
+            if not mine:
+                continue
+            cells = [_fmt(mine[n]["ppl"]) if n in mine else "-" for n in lengths]
+            tokens = sum(r["input_tokens"] for r in mine.values())
+            seconds = sum(r["seconds"] for r in mine.values())
+            speed = f"{tokens / seconds:,.0f}" if seconds > 0 else "-"
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {speed} |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
+def passkey_table(payload: dict[str, Any]) -> str:
+    """Markdown table: rows = (model, length), columns = depths, plus the row mean;
+    cells are accuracies (fraction of exact matches)."""
+    results = payload["results"]
+    depths = sorted({r["depth"] for r in results})
+    lengths = sorted({r["length"] for r in results})
+    trials = payload["settings"].get("trials")
+    lines = [
+        f"Passkey retrieval accuracy (exact match, {trials} trials per cell, greedy)",
+        "",
+        "| model | length | " + " | ".join(f"depth {d:g}" for d in depths) + " | mean |",
+        "|---|---:|" + "---:|" * (len(depths) + 1),
+    ]
+    for name in _models(payload):
+        for length in lengths:
+            cells = {r["depth"]: r for r in results if r["model"] == name and r["length"] == length}
+            if not cells:
+                continue
+            accs = [cells[d]["accuracy"] for d in depths if d in cells]
+            mean = sum(accs) / len(accs)
+            row = [_fmt(cells[d]["accuracy"], 2) if d in cells else "-" for d in depths]
+            lines.append(f"| {name} | {length} | " + " | ".join(row) + f" | {_fmt(mean, 2)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _reference_lines(ax: Any, payload: dict[str, Any], colors: dict[str, Any]) -> None:
+    originals = sorted(
+        {m["original_length"] for m in payload["models"] if m.get("original_length")}
+    )
+    for i, length in enumerate(originals):
+        ax.axvline(
+            length,
+            color="grey",
+            linestyle="--",
+            linewidth=1,
+            label="original length" if i == 0 else None,
+        )
+    by_length: dict[int, list[str]] = {}
+    for model in payload["models"]:
+        if model.get("trained_length"):
+            by_length.setdefault(model["trained_length"], []).append(model["name"])
+    for length, names in by_length.items():
+        ax.axvline(
+            length,
+            color=colors.get(names[0], "black") if len(names) == 1 else "black",
+            linestyle=":",
+            linewidth=1.5,
+            label=f"trained length ({', '.join(names)})",
+        )
+
+
+def plot_ppl(payload: dict[str, Any], path: Path) -> Path:
+    """Perplexity vs context length, one panel per convention, one line per model; the
+    original length (dashed grey) and each model's trained length (dotted) marked."""
+    plt = _pyplot()
+    conventions = [
+        c for c in payload["conventions"] if any(r["convention"] == c for r in payload["results"])
+    ]
+    fig, axes = plt.subplots(
+        1, len(conventions), figsize=(6 * len(conventions), 4.5), squeeze=False
+    )
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {name: cycle[i % len(cycle)] for i, name in enumerate(_models(payload))}
+    for ax, convention in zip(axes[0], conventions, strict=True):
+        for name in _models(payload):
+            rows = sorted(
+                (
+                    r
+                    for r in payload["results"]
+                    if r["model"] == name and r["convention"] == convention
+                ),
+                key=lambda r: r["length"],
+            )
+            points = [(r["length"], r["ppl"]) for r in rows if r["ppl"] is not None]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, marker="o", color=colors[name], label=name)
+        _reference_lines(ax, payload, colors)
+        ax.set_xscale("log", base=2)
+        lengths = sorted({r["length"] for r in payload["results"]})
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.minorticks_off()
+        ax.set_xlabel("evaluation context length (tokens)")
+        ax.set_ylabel("perplexity")
+        ax.set_title(f"Perplexity ({convention})")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_passkey(payload: dict[str, Any], path: Path) -> Path:
+    """One length x depth accuracy heatmap per model (cells annotated)."""
+    plt = _pyplot()
+    names = _models(payload)
+    depths = sorted({r["depth"] for r in payload["results"]})
+    lengths = sorted({r["length"] for r in payload["results"]})
+    fig, axes = plt.subplots(
+        1,
+        len(names),
+        figsize=(1.5 + (1.2 + 0.8 * len(depths)) * len(names), 1.8 + 0.45 * len(lengths)),
+        squeeze=False,
+        constrained_layout=True,
+    )
+    info = {m["name"]: m for m in payload["models"]}
+    image = None
+    for ax, name in zip(axes[0], names, strict=True):
+        grid = [[math.nan] * len(depths) for _ in lengths]
+        for r in payload["results"]:
+            if r["model"] == name:
+                grid[lengths.index(r["length"])][depths.index(r["depth"])] = r["accuracy"]
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+        for i in range(len(lengths)):
+            for j in range(len(depths)):
+                if not math.isnan(grid[i][j]):
+                    ax.text(j, i, f"{grid[i][j]:.2f}", ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
+        ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
+        ax.set_xlabel("depth of the key")
+        if ax is axes[0][0]:
+            ax.set_ylabel("prompt length (tokens)")
+        lengths_note = ", ".join(
+            f"{label} {info[name][key]}"
+            for key, label in (("original_length", "original"), ("trained_length", "trained"))
+            if info.get(name, {}).get(key)
+        )
+        ax.set_title(f"{name}\n{lengths_note}" if lengths_note else name, fontsize=9)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes[0]), label="accuracy")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
