@@ -27,6 +27,8 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -35,12 +37,12 @@ from axolotl.integrations.base import BasePlugin
 
 from longlora_plugin.config import LongLoRAConfig, LongLoRAConfigError, parse_longlora
 from longlora_plugin.rope import RopeResolution, load_base_config, resolve_rope
+from longlora_plugin.s2_attn import SUPPORTED_BACKENDS
 
 LOG = logging.getLogger("longlora_plugin")
 
 INPUT_ARGS = "longlora_plugin.config.LongLoRAArgs"
 LORA_ADAPTERS = ("lora", "qlora")
-S2_BACKENDS_FALLBACK = ("sdpa", "eager", "flash_attention_2")
 MERGE_BASE_DIR = ".longlora_merge_base"
 EVAL_DIR = "longlora_eval"
 # Axolotl's legacy boolean attention flags -> attn_implementation (utils/schemas/enums.py).
@@ -267,14 +269,14 @@ def check_combinations(cfg: Any, settings: LongLoRAConfig, sequence_len: int) ->
             "longlora.trainable_params instead"
         )
     impl, key = attention_implementation(cfg)
-    if impl == "flash_attention_2" and find_spec("flash_attn") is None:
+    if impl == "flash_attention_2" and not _ASSUME_FLASH_ATTN and find_spec("flash_attn") is None:
         raise LongLoRAConfigError(
             f"{key}={cfg.get(key)!r} needs the flash-attn package, which is not installed; "
             "install it (pip install 'longlora-plugin[flash-attn]', CUDA only) or use "
             "attn_implementation: sdpa"
         )
     if settings.s2_attn and impl is not None:
-        backends = _s2_backends()
+        backends = SUPPORTED_BACKENDS
         if impl not in backends:
             raise LongLoRAConfigError(
                 f"{key}={cfg.get(key)!r}: longlora.s2_attn wraps only {', '.join(backends)}; "
@@ -299,6 +301,21 @@ def check_eval_data(settings: LongLoRAConfig) -> None:
         )
 
 
+_ASSUME_FLASH_ATTN = False
+
+
+@contextmanager
+def flash_attn_assumed() -> Iterator[None]:
+    """Check configs as if flash-attn were installed here (``longlora validate`` of a GPU
+    config on a machine without CUDA); building the model still needs it."""
+    global _ASSUME_FLASH_ATTN
+    previous, _ASSUME_FLASH_ATTN = _ASSUME_FLASH_ATTN, True
+    try:
+        yield
+    finally:
+        _ASSUME_FLASH_ATTN = previous
+
+
 def attention_implementation(cfg: Any) -> tuple[str | None, str]:
     """``(backend, config key it came from)`` from ``attn_implementation`` or a legacy
     boolean flag; ``(None, "attn_implementation")`` when unset (transformers' default)."""
@@ -309,14 +326,6 @@ def attention_implementation(cfg: Any) -> tuple[str | None, str]:
         if cfg.get(flag):
             return backend, flag
     return None, "attn_implementation"
-
-
-def _s2_backends() -> tuple[str, ...]:
-    try:
-        from longlora_plugin.s2_attn import SUPPORTED_BACKENDS
-    except ImportError:  # pragma: no cover - s2_attn is part of the package
-        return S2_BACKENDS_FALLBACK
-    return tuple(SUPPORTED_BACKENDS)
 
 
 # ---------------------------------------------------------------------- rope

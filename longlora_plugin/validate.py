@@ -26,7 +26,6 @@ validated as config entries only (they need not exist here).
 from __future__ import annotations
 
 import argparse
-import importlib.machinery
 import os
 import sys
 from collections.abc import Iterator
@@ -294,29 +293,19 @@ def _flash_attn_assumed(active: bool, notes: list[str]) -> Iterator[None]:
     installed, for a config meant for a GPU machine; Axolotl's own check skips on such
     machines for the same reason. ``--local`` turns this off.
     """
-    from importlib.util import find_spec as real_find_spec
+    from importlib.util import find_spec
 
-    import longlora_plugin.plugin as plugin_module
+    from longlora_plugin.plugin import flash_attn_assumed
 
-    original = getattr(plugin_module, "find_spec", None)
-    if not active or original is None or real_find_spec("flash_attn") is not None:
+    if not active or find_spec("flash_attn") is not None:
         yield
         return
-
-    def find_spec(name: str, *args: Any, **kwargs: Any) -> Any:
-        if name == "flash_attn":
-            return importlib.machinery.ModuleSpec("flash_attn", None)
-        return original(name, *args, **kwargs)
-
     notes.append(
         "flash-attn is not installed on this machine: checked as if it were; the training "
         "machine needs it (pip install 'longlora-plugin[flash-attn]'), or use --local"
     )
-    plugin_module.find_spec = find_spec
-    try:
+    with flash_attn_assumed():
         yield
-    finally:
-        plugin_module.find_spec = original
 
 
 # ---------------------------------------------------------------------- report
