@@ -32,6 +32,22 @@ OFFLINE_ENV: dict[str, str] = {
     "AXOLOTL_DO_NOT_TRACK": "1",
 }
 
+# What `axolotl train` needs on a CPU: no mixed precision (bf16 "auto" turns on fp16 and
+# the loss goes to nan), a CPU attention backend, the LoRA kernels off (they need CUDA),
+# no dataset/dataloader worker processes for tiny data.
+CPU_AXOLOTL: dict[str, Any] = {
+    "bf16": False,
+    "fp16": False,
+    "attn_implementation": "sdpa",
+    "lora_mlp_kernel": False,
+    "lora_qkv_kernel": False,
+    "lora_o_kernel": False,
+    "lora_embedding_kernel": False,
+    "dataset_num_proc": 1,
+    "dataloader_num_workers": 0,
+    "dataloader_pin_memory": False,
+}
+
 SPECIAL_TOKENS: dict[str, str] = {
     "bos_token": "<s>",
     "eos_token": "</s>",

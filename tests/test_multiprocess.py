@@ -28,7 +28,12 @@ import pytest
 import torch
 import yaml
 
-from longlora_plugin.tiny_models import OFFLINE_ENV, build_tiny_model, write_text_dataset
+from longlora_plugin.tiny_models import (
+    CPU_AXOLOTL,
+    OFFLINE_ENV,
+    build_tiny_model,
+    write_text_dataset,
+)
 
 TESTS = Path(__file__).parent
 TIMEOUT_S = 600
@@ -59,13 +64,7 @@ def run_two_ranks(work: Path, **extra) -> tuple[Path, Path, str]:
         "lora_alpha": 8,
         "lora_dropout": 0.0,
         "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-        "lora_mlp_kernel": False,
-        "lora_qkv_kernel": False,
-        "lora_o_kernel": False,
-        "lora_embedding_kernel": False,
-        "bf16": False,
-        "fp16": False,
-        "attn_implementation": "sdpa",
+        **CPU_AXOLOTL,
         "micro_batch_size": 1,
         "gradient_accumulation_steps": 1,
         "max_steps": 3,
@@ -76,9 +75,6 @@ def run_two_ranks(work: Path, **extra) -> tuple[Path, Path, str]:
         "logging_steps": 1,
         "save_strategy": "no",
         "seed": 42,
-        "dataset_num_proc": 1,
-        "dataloader_num_workers": 0,
-        "dataloader_pin_memory": False,
         **extra,
     }
     cfg_path = work / "cfg.yml"

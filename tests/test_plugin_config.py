@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import torch
 
+from longlora_plugin.tiny_models import CPU_AXOLOTL
+
 PLUGIN = "longlora_plugin.plugin.LongLoRAPlugin"
 
 
@@ -35,13 +37,7 @@ def make_cfg(model_dir: Path, dataset: Path, out: Path, **overrides: Any) -> dic
         "lora_r": 4,
         "lora_alpha": 8,
         "lora_target_modules": ["q_proj", "v_proj"],
-        "lora_mlp_kernel": False,
-        "lora_qkv_kernel": False,
-        "lora_o_kernel": False,
-        "lora_embedding_kernel": False,
-        "bf16": False,
-        "fp16": False,
-        "attn_implementation": "sdpa",
+        **CPU_AXOLOTL,
         "micro_batch_size": 1,
         "gradient_accumulation_steps": 1,
         "max_steps": 1,

@@ -35,7 +35,12 @@ import pytest
 import torch
 import yaml
 
-from longlora_plugin.tiny_models import OFFLINE_ENV, build_tiny_model, write_text_dataset
+from longlora_plugin.tiny_models import (
+    CPU_AXOLOTL,
+    OFFLINE_ENV,
+    build_tiny_model,
+    write_text_dataset,
+)
 
 SEQUENCE_LEN = 256
 RUN_TIMEOUT_S = 900
@@ -45,9 +50,7 @@ LORA_RUNS = {"llama_lora_packed_s2": "llama", "qwen2_tied_lora_s2": "qwen2_tied"
 COMMON: dict[str, Any] = {
     "plugins": ["longlora_plugin.LongLoRAPlugin"],
     "sequence_len": SEQUENCE_LEN,
-    "bf16": False,
-    "fp16": False,
-    "attn_implementation": "sdpa",
+    **CPU_AXOLOTL,
     "micro_batch_size": 2,
     "gradient_accumulation_steps": 1,
     "max_steps": 3,
@@ -58,9 +61,6 @@ COMMON: dict[str, Any] = {
     "logging_steps": 1,
     "save_strategy": "no",
     "seed": 42,
-    "dataset_num_proc": 1,
-    "dataloader_num_workers": 0,
-    "dataloader_pin_memory": False,
 }
 LORA: dict[str, Any] = {
     "adapter": "lora",
@@ -68,10 +68,6 @@ LORA: dict[str, Any] = {
     "lora_alpha": 8,
     "lora_dropout": 0.0,
     "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "lora_mlp_kernel": False,
-    "lora_qkv_kernel": False,
-    "lora_o_kernel": False,
-    "lora_embedding_kernel": False,
 }
 # A checkpoint at the last step keeps trainer_state.json, whose log_history has the
 # unrounded losses (the console shows 4 digits).
