@@ -19,28 +19,25 @@ from longlora_plugin.evaluation.models import ModelSpec, RopeOverride
 DEFAULT_DEPTHS = "0,0.25,0.5,0.75,1"
 
 
-def _ints(text: str) -> list[int]:
+def _number_list(text: str, cast: type, allowed, kind: str, rule: str) -> list:
+    """Parse ``"a,b,c"`` with ``cast``; every value must satisfy ``allowed``."""
     try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+        values = [cast(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of integers"
+            f"{text!r} is not a comma-separated list of {kind}"
         ) from None
-    if not values or any(v < 2 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: lengths must be integers >= 2")
+    if not values or not all(allowed(v) for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: {rule}")
     return values
+
+
+def _ints(text: str) -> list[int]:
+    return _number_list(text, int, lambda v: v >= 2, "integers", "lengths must be integers >= 2")
 
 
 def _floats(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of numbers"
-        ) from None
-    if not values or any(not 0 <= v <= 1 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: depths must be in [0, 1]")
-    return values
+    return _number_list(text, float, lambda v: 0 <= v <= 1, "numbers", "depths must be in [0, 1]")
 
 
 def _positive(text: str) -> int:
