@@ -35,8 +35,9 @@ lint: venv
 test: venv lint
 	$(PY) -m pytest -q
 
+# make demo TEXT=my.txt (or a directory of .txt files) trains on your text instead of Austen
 demo: venv
-	$(PY) -m longlora_plugin.quickstart
+	$(PY) -m longlora_plugin.demo $(if $(TEXT),--text "$(TEXT)") $(if $(HOLDOUT),--holdout "$(HOLDOUT)")
 
 bench: venv
 	$(PY) benchmarks/s2_attn_bench.py

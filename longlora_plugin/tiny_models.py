@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +96,13 @@ def corpus(n_sentences: int = 400, seed: int = 0) -> list[str]:
     return [sample_text(rng, rng.randint(8, 30)) for _ in range(n_sentences)]
 
 
-def build_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 512) -> Any:
-    """Train a byte-level BPE tokenizer and wrap it as a ``PreTrainedTokenizerFast``.
+def build_tokenizer(
+    out_dir: str | Path | None = None,
+    vocab_size: int = 512,
+    texts: Iterable[str] | None = None,
+) -> Any:
+    """Train a byte-level BPE tokenizer on ``texts`` (default: the generated
+    :func:`corpus`) and wrap it as a ``PreTrainedTokenizerFast``.
 
     Special tokens ``<s>``, ``</s>``, ``<pad>``, ``<unk>`` get ids 0-3; a
     post-processor prepends ``<s>`` to every encoded sequence. If ``out_dir``
@@ -120,7 +126,7 @@ def build_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 512) ->
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus(), trainer=trainer)
+    tok.train_from_iterator(corpus() if texts is None else texts, trainer=trainer)
     bos = SPECIAL_TOKENS["bos_token"]
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A",

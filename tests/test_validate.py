@@ -18,9 +18,8 @@ from longlora_plugin.tiny_models import OFFLINE_ENV
 
 REPO = Path(__file__).parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "model_configs"
-STOCK = sorted(
-    p for p in (REPO / "example_configs").glob("*.yml") if p.name != "quickstart-cpu.yml"
-)
+DEMO = ("quickstart-pretrain-cpu.yml", "quickstart-cpu.yml")  # need the demo's local model
+STOCK = sorted(p for p in (REPO / "example_configs").glob("*.yml") if p.name not in DEMO)
 
 
 def header_command(path: Path) -> list[str]:
@@ -146,20 +145,21 @@ def test_resolved_settings(capsys, name: str):
         assert fragment in out, f"{fragment!r} not in:\n{out}"
 
 
-def test_quickstart_cpu_config_validates(capsys, tiny_llama: Path):
+def test_quickstart_cpu_config_validates(capsys, tiny_model_factory):
+    demo_base = tiny_model_factory("llama", max_position_embeddings=128)  # the demo's context
     rc, out, err = run_cli(
         capsys,
         [
             "example_configs/quickstart-cpu.yml",
             "--model-config",
-            str(tiny_llama),
+            str(demo_base),
             "--gpus-per-node",
             "1",
         ],
     )
     assert rc == 0, err
-    assert "S2-Attn: on, wraps sdpa, group size 64, shift 32" in out
-    assert "RoPE linear factor 4.0 (original 64, target 256)" in out
+    assert "S2-Attn: on, wraps sdpa, group size 128, shift 64" in out
+    assert "RoPE linear factor 4.0 (original 128, target 512)" in out
 
 
 # ------------------------------------------------------------------ bad configs
@@ -257,5 +257,5 @@ def test_console_script_offline(tmp_path):
 
 def test_docs_table_lists_every_config():
     doc = (REPO / "docs" / "configs.md").read_text(encoding="utf-8")
-    for path in [*STOCK, REPO / "example_configs" / "quickstart-cpu.yml"]:
+    for path in [*STOCK, *(REPO / "example_configs" / name for name in DEMO)]:
         assert f"| `{path.name}` |" in doc, path.name

@@ -1,0 +1,136 @@
+"""Recipe variants of the demo's LongLoRA stage, each trained and evaluated the same way.
+
+Run after one ``make demo`` (it needs the cached base model at ``outputs/demo/base`` and
+``outputs/demo/train.jsonl`` / ``heldout.txt``). For every variant: the demo's
+``example_configs/quickstart-cpu.yml`` with a few keys changed, ``axolotl train`` into
+``outputs/ablations/<name>``, then ``longlora eval ppl`` (window-mean, 128/256/512, 100
+windows) on the held-out novel. Prints a table and writes
+``benchmarks/results/demo_ablations.json``. ~3-4 min per variant on one CPU core.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/demo_ablations.py [--only NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from longlora_plugin.tiny_models import OFFLINE_ENV
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "example_configs" / "quickstart-cpu.yml"
+OUT = Path("outputs/ablations")
+RESULTS = REPO / "benchmarks" / "results" / "demo_ablations.json"
+LENGTHS = (128, 256, 512)
+
+# name -> (description, changes to the demo config; a "longlora" dict is merged into the block)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "shipped": ("the shipped config (q/k LoRA at 2e-4, the rest at 2e-3)", {}),
+    "qk-full-rate": ("q/k LoRA at the full rate 2e-3", {"lr_groups": None}),
+    "all-5e-4": ("everything at 5e-4", {"lr_groups": None, "learning_rate": 5e-4}),
+    "all-5e-4-group-half": (
+        "everything at 5e-4, group_size_ratio 0.5",
+        {"lr_groups": None, "learning_rate": 5e-4, "longlora": {"group_size_ratio": 0.5}},
+    ),
+    "group-half": (
+        "q/k at the full rate, group_size_ratio 0.5",
+        {"lr_groups": None, "longlora": {"group_size_ratio": 0.5}},
+    ),
+    "no-qk-lora": (
+        "no q/k LoRA (v, o and the MLP instead)",
+        {
+            "lr_groups": None,
+            "lora_target_modules": ["v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        },
+    ),
+    "shipped-400": ("the shipped config, 400 steps", {"max_steps": 400}),
+    "no-s2": (
+        "q/k at the full rate, full attention in training (no S2-Attn)",
+        {"lr_groups": None, "longlora": {"s2_attn": False}},
+    ),
+}
+
+
+def variant_config(name: str, changes: dict[str, Any]) -> Path:
+    """Write the demo config with ``changes`` applied to ``outputs/ablations/<name>.yml``."""
+    cfg = yaml.safe_load(CONFIG.read_text())
+    for key, value in changes.items():
+        if key == "longlora":
+            cfg["longlora"] = {**cfg["longlora"], **value}
+        elif value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    cfg["output_dir"] = str(OUT / name)
+    cfg["dataset_prepared_path"] = str(OUT / "prepared")
+    path = OUT / f"{name}.yml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def run_variant(name: str, changes: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    config = variant_config(name, changes)
+    start = time.perf_counter()
+    log = OUT / f"{name}.log"
+    with log.open("w") as fh:
+        for args in (
+            ["-m", "axolotl.cli.train", str(config)],
+            [
+                "-m",
+                "longlora_plugin",
+                "eval",
+                "ppl",
+                "--model",
+                f"{name}={OUT / name}",
+                "--data",
+                "outputs/demo/heldout.txt",
+                "--lengths",
+                ",".join(map(str, LENGTHS)),
+                "--convention",
+                "window-mean",
+                "--max-windows",
+                "100",
+                "--batch-size",
+                "8",
+                "--out",
+                str(OUT / name / "eval"),
+            ],
+        ):
+            subprocess.run([sys.executable, *args], env=env, stdout=fh, stderr=fh, check=True)
+    payload = json.loads((OUT / name / "eval" / "ppl.json").read_text())
+    ppl = {str(r["length"]): r["ppl"] for r in payload["results"]}  # JSON keys are strings
+    return {"ppl": ppl, "seconds": round(time.perf_counter() - start)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=sorted(VARIANTS), help="run these only")
+    args = parser.parse_args()
+    if not Path("outputs/demo/base/config.json").is_file():
+        raise SystemExit("run `make demo` first: outputs/demo/base is missing")
+    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    for name in args.only or list(VARIANTS):
+        description, changes = VARIANTS[name]
+        print(f"== {name}: {description}", flush=True)
+        results[name] = {"description": description, "changes": changes}
+        results[name].update(run_variant(name, changes, env))
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print("| variant | " + " | ".join(map(str, LENGTHS)) + " | time |")
+    print("|---|" + "---:|" * (len(LENGTHS) + 1))
+    for name, row in results.items():
+        cells = " | ".join(f"{row['ppl'][str(n)]:.2f}" for n in LENGTHS)
+        print(f"| {name}: {row['description']} | {cells} | {row['seconds']} s |")
+
+
+if __name__ == "__main__":
+    main()
