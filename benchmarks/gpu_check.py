@@ -492,16 +492,8 @@ def numerics_models(report: Report, entry: dict, device: str, smoke: bool) -> No
     if smoke:
         plan = [p for p in plan if p[0] == "llama-9-3" and p[1] != "padded"]
     for arch, layout, backend, dtype in plan:
-        record = {
-            "arch": arch,
-            "layout": layout,
-            "backend": backend,
-            "dtype": str(dtype).removeprefix("torch."),
-        }
-        r = report.case(
-            entry,
-            record,
-            lambda a=arch, y=layout, b=backend, d=dtype: check_model_case(a, y, b, d, device),
+        record, r = _model_case(
+            report, entry, check_model_case, arch, layout, backend, dtype, device
         )
         detail = (
             f"logits abs {r['logits_max_abs']:.1e} rel {r['logits_rel_l2']:.1e}  grads abs "
@@ -518,6 +510,20 @@ def numerics_models(report: Report, entry: dict, device: str, smoke: bool) -> No
             f"  {arch:15s} {layout:6s} {backend:5s} {record['dtype']:8s} {detail}  {'PASS' if r['passed'] else 'FAIL'}"
         )
     count(entry)
+
+
+def _model_case(
+    report: Report, entry: dict, check, arch: str, layout: str, backend: str, dtype, device: str
+) -> tuple[dict, dict]:
+    """Run ``check(arch, layout, backend, dtype, device)`` as one fail-soft case of
+    ``entry``; returns the case's identifying record and its result."""
+    record = {
+        "arch": arch,
+        "layout": layout,
+        "backend": backend,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    return record, report.case(entry, record, lambda: check(arch, layout, backend, dtype, device))
 
 
 def check_eval_identity(arch: str, layout: str, backend: str, dtype, device: str) -> dict:
@@ -546,16 +552,8 @@ def eval_identity(report: Report, entry: dict, device: str, smoke: bool) -> None
     if smoke:
         plan = plan[:4]
     for arch, layout, backend, dtype in plan:
-        record = {
-            "arch": arch,
-            "layout": layout,
-            "backend": backend,
-            "dtype": str(dtype).removeprefix("torch."),
-        }
-        r = report.case(
-            entry,
-            record,
-            lambda a=arch, y=layout, b=backend, d=dtype: check_eval_identity(a, y, b, d, device),
+        record, r = _model_case(
+            report, entry, check_eval_identity, arch, layout, backend, dtype, device
         )
         log(
             f"  {arch:15s} {layout:6s} {backend:5s} {record['dtype']:8s} "
