@@ -13,8 +13,6 @@ export WANDB_MODE := disabled
 export AXOLOTL_DO_NOT_TRACK := 1
 export DO_NOT_TRACK := 1
 export TOKENIZERS_PARALLELISM := false
-# Tiny models on 2 cores: one OpenMP thread is ~10x faster (oversubscription otherwise)
-demo: export OMP_NUM_THREADS := 1
 export PYTHONWARNINGS := ignore::DeprecationWarning
 
 .PHONY: venv test lint demo bench clean

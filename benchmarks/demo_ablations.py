@@ -31,30 +31,57 @@ OUT = Path("outputs/ablations")
 RESULTS = REPO / "benchmarks" / "results" / "demo_ablations.json"
 LENGTHS = (128, 256, 512)
 
-# name -> (description, changes to the demo config; a "longlora" dict is merged into the block)
+QK = {"name": "qk", "modules": ["q_proj", "k_proj"]}
+LINEAR = {"rope": {"type": "linear", "factor": "auto"}}  # the paper's interpolation
+
+
+def linear(steps: int = 200, **changes: Any) -> dict[str, Any]:
+    """Changes for a linear-interpolation variant of ``steps`` steps."""
+    longlora = {**LINEAR, **changes.pop("longlora", {})}
+    return {"longlora": longlora, "max_steps": steps, **changes}
+
+
+def qk(lr: float) -> list[dict[str, Any]]:
+    """An lr group: the LoRA weights of q_proj/k_proj at ``lr``, the rest at the base rate."""
+    return [QK | {"lr": lr}]
+
+
+# name -> (description, changes to the shipped config; a "longlora" dict is merged into the
+# block). The shipped config: YaRN x4, S2-Attn G=128, every weight at 2e-3, 400 steps.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "shipped": ("the shipped config (q/k LoRA at 2e-4, the rest at 2e-3)", {}),
-    "qk-full-rate": ("q/k LoRA at the full rate 2e-3", {"lr_groups": None}),
-    "all-5e-4": ("everything at 5e-4", {"lr_groups": None, "learning_rate": 5e-4}),
-    "all-5e-4-group-half": (
-        "everything at 5e-4, group_size_ratio 0.5",
-        {"lr_groups": None, "learning_rate": 5e-4, "longlora": {"group_size_ratio": 0.5}},
+    "shipped": ("the shipped config (YaRN, 400 steps)", {}),
+    "yarn": ("YaRN, 200 steps", {"max_steps": 200}),
+    "yarn-no-s2": (
+        "YaRN, 200 steps, full attention in training (no S2-Attn)",
+        {"max_steps": 200, "longlora": {"s2_attn": False}},
     ),
-    "group-half": (
-        "q/k at the full rate, group_size_ratio 0.5",
-        {"lr_groups": None, "longlora": {"group_size_ratio": 0.5}},
+    "linear": ("linear, 200 steps", linear()),
+    "linear-no-s2": (
+        "linear, 200 steps, full attention in training (no S2-Attn)",
+        linear(longlora={"s2_attn": False}),
     ),
-    "no-qk-lora": (
-        "no q/k LoRA (v, o and the MLP instead)",
-        {
-            "lr_groups": None,
-            "lora_target_modules": ["v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        },
+    "linear-qk-2e-4": ("linear, q/k LoRA at 2e-4, 200 steps", linear(lr_groups=qk(2e-4))),
+    "linear-qk-2e-4-cosine": (
+        "linear, q/k LoRA at 2e-4, cosine decay, 200 steps",
+        linear(lr_groups=qk(2e-4), lr_scheduler="cosine"),
     ),
-    "shipped-400": ("the shipped config, 400 steps", {"max_steps": 400}),
-    "no-s2": (
-        "q/k at the full rate, full attention in training (no S2-Attn)",
-        {"lr_groups": None, "longlora": {"s2_attn": False}},
+    "linear-qk-5e-4": ("linear, q/k LoRA at 5e-4, 200 steps", linear(lr_groups=qk(5e-4))),
+    "linear-qk-5e-4-600": ("linear, q/k LoRA at 5e-4, 600 steps", linear(600, lr_groups=qk(5e-4))),
+    "linear-qk-5e-4-cosine": (
+        "linear, q/k LoRA at 5e-4, cosine decay, 200 steps",
+        linear(lr_groups=qk(5e-4), lr_scheduler="cosine"),
+    ),
+    "linear-qk-1e-3-cosine": (
+        "linear, q/k LoRA at 1e-3, cosine decay, 200 steps",
+        linear(lr_groups=qk(1e-3), lr_scheduler="cosine"),
+    ),
+    "linear-group-half-qk-5e-4": (
+        "linear, q/k LoRA at 5e-4, group_size_ratio 0.5, 200 steps",
+        linear(lr_groups=qk(5e-4), longlora={"group_size_ratio": 0.5}),
+    ),
+    "linear-group-half-qk-1e-3": (
+        "linear, q/k LoRA at 1e-3, group_size_ratio 0.5, 200 steps",
+        linear(lr_groups=qk(1e-3), longlora={"group_size_ratio": 0.5}),
     ),
 }
 
@@ -118,12 +145,14 @@ def main() -> None:
     if not Path("outputs/demo/base/config.json").is_file():
         raise SystemExit("run `make demo` first: outputs/demo/base is missing")
     env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     for name in args.only or list(VARIANTS):
         description, changes = VARIANTS[name]
         print(f"== {name}: {description}", flush=True)
-        results[name] = {"description": description, "changes": changes}
-        results[name].update(run_variant(name, changes, env))
+        row = {"description": description, "changes": changes}
+        row.update(run_variant(name, changes, env))
+        # re-read before writing: two runs with different --only may share the file
+        results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+        results[name] = row
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print("| variant | " + " | ".join(map(str, LENGTHS)) + " | time |")
     print("|---|" + "---:|" * (len(LENGTHS) + 1))

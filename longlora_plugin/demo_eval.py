@@ -1,7 +1,7 @@
 """Evaluation step of the CPU demo: three models on the held-out text.
 
-The models are the base model as pre-trained (``base``), the same weights with linear
-interpolation and no training (``interpolation``), and the LongLoRA adapter
+The models are the base model as pre-trained (``base``), the same weights with the RoPE
+interpolation LongLoRA trains with and no training (``interpolation``), and the LongLoRA adapter
 (``longlora``); all with full attention. Perplexity uses the paper's window-mean
 convention; passkey retrieval is tried on the base model at its own context first and
 run at the longer lengths only if the base model can do it there.
@@ -23,23 +23,28 @@ PASSKEY_DEPTHS = (0.0, 0.5, 1.0)
 PASSKEY_USABLE = 0.5  # base-model accuracy at its own context needed to go further
 
 
-def demo_models(out: Path, factor: float) -> dict[str, ModelSpec]:
-    """The three models of the demo, by key."""
+def demo_models(out: Path, factor: float, rope_type: str) -> dict[str, ModelSpec]:
+    """The three models of the demo, by key; ``rope_type`` x ``factor`` is the
+    interpolation of the untrained row."""
     base = str(out / "base")
     return {
         "base": ModelSpec("base", base),
         "interpolation": ModelSpec(
-            f"base + linear x{factor:g}, no training", base, RopeOverride("linear", factor)
+            f"base + {rope_type} x{factor:g}, no training",
+            base,
+            RopeOverride(rope_type, factor),
         ),
         "longlora": ModelSpec("LongLoRA", str(out / "longlora")),
     }
 
 
-def evaluate_demo(out: Path, heldout: Path, lengths: Any, *, max_windows: int) -> dict[str, Any]:
+def evaluate_demo(
+    out: Path, heldout: Path, lengths: Any, *, rope_type: str, max_windows: int
+) -> dict[str, Any]:
     """Perplexity of the three models at ``lengths.eval_lengths`` and the passkey test;
     writes ``ppl.*`` and ``passkey.*`` into ``out``. Returns ``{"ppl": {key: {length:
     ppl}}, "table": markdown, "plot": path, "passkey_note": text}``."""
-    specs = demo_models(out, lengths.target / lengths.base)
+    specs = demo_models(out, lengths.factor, rope_type)
     docs = load_texts(str(heldout))
     payload = run_ppl(
         load_models(list(specs.values()), dtype="float32", device="cpu"),

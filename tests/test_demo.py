@@ -19,7 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from longlora_plugin.demo import BASE_MIN_RATIO, LONGLORA_MAX_RATIO, Lengths, verdict
+from longlora_plugin.demo import (
+    BASE_MIN_RATIO,
+    LONGLORA_CONFIG,
+    LONGLORA_MAX_RATIO,
+    MAX_THREADS,
+    Lengths,
+    interpolation_type,
+    omp_threads,
+    verdict,
+)
 from longlora_plugin.tiny_models import OFFLINE_ENV, sample_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +66,8 @@ def test_demo_pipeline_smoke(tmp_path: Path):
     assert heldout_marker not in (demo / "train.jsonl").read_text()
     assert "held out: third" in out
     assert "longlora: S2-Attn on 4 attention layers, group size 128, shift 64" in out
-    assert "longlora: RoPE linear factor 4.0 (original 128, target 512)" in out
+    rope_type = interpolation_type(REPO / LONGLORA_CONFIG)
+    assert f"longlora: RoPE {rope_type} factor 4.0 (original 128, target 512)" in out
     result = json.loads((demo / "verdict.json").read_text())
     assert set(result["ppl"]) == {"base", "interpolation", "longlora"}
     for by_length in result["ppl"].values():
@@ -66,6 +76,7 @@ def test_demo_pipeline_smoke(tmp_path: Path):
     assert (demo / "ppl.png").stat().st_size > 10_000
     report = (demo / "results.md").read_text()
     assert "VERDICT" in report and "Passkey retrieval" in report and "| total |" in report
+    assert f"| base + {rope_type} x4, no training |" in report  # untrained row: same RoPE
     assert list((tmp_path / "cache" / "demo").glob("base-*/DONE"))
 
     again = _run_demo(tmp_path, *args, "--pretrain-steps", "3", "--longlora-steps", "1")
@@ -93,3 +104,18 @@ def test_verdict_applies_both_criteria():
 def test_eval_lengths_double_up_to_the_target():
     assert Lengths(128, 512).eval_lengths == [128, 256, 512]
     assert Lengths(100, 300).eval_lengths == [100, 200, 300]
+
+
+def test_interpolation_type_reads_the_longlora_block(tmp_path: Path):
+    config = tmp_path / "c.yml"
+    config.write_text("longlora:\n  rope:\n    type: yarn\n")
+    assert interpolation_type(config) == "yarn"
+    config.write_text("longlora:\n  s2_attn: true\n")
+    assert interpolation_type(config) == "linear"  # the plugin's default
+
+
+def test_omp_threads_respects_the_caller(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert omp_threads() == "3"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert 1 <= int(omp_threads()) <= MAX_THREADS

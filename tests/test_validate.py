@@ -159,7 +159,7 @@ def test_quickstart_cpu_config_validates(capsys, tiny_model_factory):
     )
     assert rc == 0, err
     assert "S2-Attn: on, wraps sdpa, group size 128, shift 64" in out
-    assert "RoPE linear factor 4.0 (original 128, target 512)" in out
+    assert "RoPE yarn factor 4.0 (original 128, target 512)" in out
 
 
 # ------------------------------------------------------------------ bad configs
