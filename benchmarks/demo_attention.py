@@ -10,7 +10,7 @@ per layer. Run after ``make demo``:
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/demo_attention.py \
         [--model NAME=PATH[@linear:4]] ... [--png outputs/demo/attention.png]
 
-Default models: the demo's base + linear x4 and the LongLoRA adapter.
+Default models: the demo's base + linear x4, base + YaRN x4 and the LongLoRA adapter.
 """
 
 from __future__ import annotations
@@ -22,7 +22,11 @@ import torch
 
 from longlora_plugin.evaluation.models import ModelSpec, RopeOverride, load_eval_model
 
-DEFAULT_MODELS = ("base+linear4=outputs/demo/base@linear:4", "longlora=outputs/demo/longlora")
+DEFAULT_MODELS = (
+    "base+linear4=outputs/demo/base@linear:4",
+    "base+yarn4=outputs/demo/base@yarn:4",
+    "longlora=outputs/demo/longlora",
+)
 
 
 def distance_mass(

@@ -8,7 +8,7 @@ windows and reported per block of ``--block`` positions. Run after ``make demo``
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/demo_positions.py \
         [--model NAME=PATH[@linear:4]] ...
 
-Default models: the demo's base, base + linear x4, and the LongLoRA adapter.
+Default models: the demo's base, base + linear x4, base + YaRN x4, and the LongLoRA adapter.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from longlora_plugin.evaluation.models import ModelSpec, RopeOverride, load_eval
 DEFAULT_MODELS = (
     "base=outputs/demo/base",
     "base+linear4=outputs/demo/base@linear:4",
+    "base+yarn4=outputs/demo/base@yarn:4",
     "longlora=outputs/demo/longlora",
 )
 
