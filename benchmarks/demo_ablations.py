@@ -92,8 +92,6 @@ def variant_config(name: str, changes: dict[str, Any]) -> Path:
     for key, value in changes.items():
         if key == "longlora":
             cfg["longlora"] = {**cfg["longlora"], **value}
-        elif value is None:
-            cfg.pop(key, None)
         else:
             cfg[key] = value
     cfg["output_dir"] = str(OUT / name)

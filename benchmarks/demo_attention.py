@@ -8,9 +8,9 @@ queries and windows. Prints one markdown table per model and writes a PNG with o
 per layer. Run after ``make demo``:
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/demo_attention.py \
-        [--model NAME=PATH[@linear:4]] ... [--png outputs/demo/attention.png]
+        [--model NAME=PATH ... [--rope NAME=TYPE:FACTOR ...]] [--png outputs/demo/attention.png]
 
-Default models: the demo's base + linear x4, base + YaRN x4 and the LongLoRA adapter.
+Default models: the demo's base, base + linear x4, base + YaRN x4, and the LongLoRA adapter.
 """
 
 from __future__ import annotations
@@ -19,26 +19,17 @@ import argparse
 from pathlib import Path
 
 import torch
+from demo_windows import add_arguments, models_with_windows
 
-from longlora_plugin.evaluation.models import ModelSpec, RopeOverride, load_eval_model
-
-DEFAULT_MODELS = (
-    "base+linear4=outputs/demo/base@linear:4",
-    "base+yarn4=outputs/demo/base@yarn:4",
-    "longlora=outputs/demo/longlora",
-)
+from longlora_plugin.evaluation.report import _pyplot
 
 
-def distance_mass(
-    spec: ModelSpec, text: str, *, length: int, windows: int, queries: int, bin_size: int
-) -> torch.Tensor:
-    """Attention mass per (layer, distance bin) for the last ``queries`` positions."""
-    item = load_eval_model(spec, dtype="float32", device="cpu", attn_implementation="eager")
-    ids = item.tokenizer(text, add_special_tokens=False)["input_ids"]
-    step = (len(ids) - length) // windows
-    rows = torch.tensor([ids[i * step : i * step + length] for i in range(windows)])
+def distance_mass(model: torch.nn.Module, rows: torch.Tensor, queries: int, bin_size: int):
+    """Attention mass per (layer, distance bin) for the last ``queries`` positions of
+    ``rows`` (``[windows, length]``), averaged over windows, heads and queries."""
+    length = rows.shape[1]
     with torch.no_grad():
-        attentions = item.model(input_ids=rows, output_attentions=True).attentions
+        attentions = model(input_ids=rows, output_attentions=True).attentions
     positions = torch.arange(length)
     distance = positions[:, None] - positions[None, :]  # (query, key)
     n_bins = length // bin_size
@@ -52,11 +43,7 @@ def distance_mass(
 
 
 def plot(results: dict[str, torch.Tensor], bin_size: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     n_layers = next(iter(results.values())).shape[0]
     fig, axes = plt.subplots(1, n_layers, figsize=(3.2 * n_layers, 3), sharey=True)
     for layer, ax in enumerate(axes):
@@ -75,34 +62,19 @@ def plot(results: dict[str, torch.Tensor], bin_size: int, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", help="NAME=PATH or NAME=PATH@TYPE:FACTOR")
-    parser.add_argument("--text", default="outputs/demo/heldout.txt")
-    parser.add_argument("--length", type=int, default=512)
-    parser.add_argument("--windows", type=int, default=16)
+    add_arguments(parser, windows=16)
     parser.add_argument("--queries", type=int, default=32, help="last positions used as queries")
     parser.add_argument("--bin", type=int, default=32, help="distance bin in tokens")
     parser.add_argument("--png", type=Path, default=Path("outputs/demo/attention.png"))
     args = parser.parse_args()
     if args.length % args.bin or not 0 < args.queries <= args.length:
         parser.error("--length must be a multiple of --bin and --queries in 1..--length")
-    text = Path(args.text).read_text(encoding="utf-8")
     results: dict[str, torch.Tensor] = {}
-    for entry in args.model or DEFAULT_MODELS:
-        spec_text, _, rope = entry.partition("@")
-        spec = ModelSpec.parse(spec_text)
-        if rope:
-            spec = ModelSpec(spec.name, spec.path, RopeOverride.parse(rope))
-        mass = distance_mass(
-            spec,
-            text,
-            length=args.length,
-            windows=args.windows,
-            queries=args.queries,
-            bin_size=args.bin,
-        )
-        results[spec.name] = mass
-        bins = range(0, args.length, args.bin)
-        print(f"\n{spec.name}: attention mass of the last {args.queries} queries by distance")
+    bins = range(0, args.length, args.bin)
+    for item, rows in models_with_windows(args, attn_implementation="eager"):
+        mass = distance_mass(item.model, rows[:, :-1], args.queries, args.bin)
+        results[item.name] = mass
+        print(f"\n{item.name}: attention mass of the last {args.queries} queries by distance")
         print("| layer | " + " | ".join(str(b) for b in bins) + " |")
         print("|---|" + "---:|" * len(bins))
         for layer, row in enumerate(mass):
