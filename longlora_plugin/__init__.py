@@ -4,7 +4,7 @@ The S2-Attn core (:func:`enable_s2_attn`, :func:`disable_s2_attn`) does not impo
 ``LongLoRAPlugin`` (the Axolotl adapter) is imported on first access.
 """
 
-from longlora_plugin.s2_attn import disable_s2_attn, enable_s2_attn
+from longlora_plugin.s2 import disable_s2_attn, enable_s2_attn
 
 __all__ = ["enable_s2_attn", "disable_s2_attn", "LongLoRAPlugin"]
 __version__ = "0.1.0"

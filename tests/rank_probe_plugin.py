@@ -37,7 +37,7 @@ class RankProbeCallback(TrainerCallback):
         import torch.distributed as dist
         from accelerate.state import PartialState
 
-        from longlora_plugin.s2_attn import s2_settings
+        from longlora_plugin.s2 import s2_settings
 
         settings = s2_settings(model)
         named = dict(model.named_parameters())

@@ -2,41 +2,75 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import types
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from s2_reference import dense_attention, s2_allowed
+from support import varlen_contracts
 
-from longlora_plugin.s2_attn import DeferredMask, S2Settings, s2_attention_forward
-from longlora_plugin.s2_layout import regular_pieces, segments
+from longlora_plugin.s2 import backend as backend_module
+from longlora_plugin.s2.backend import DeferredMask, S2Settings, s2_attention_forward
+from longlora_plugin.s2.kernels import TORCH_VARLEN
+from longlora_plugin.s2.layout import build_layout, regular_pieces
 
-BACKENDS = ["sdpa", "eager"]
+# S2 paths under test: the padded CPU kernels, and the two varlen kernels (CUDA only)
+# through the stand-ins of tests/support/varlen_contracts.py.
+BACKENDS = ["sdpa", "eager", "torch_varlen", "flash_attention_2"]
 
 
 class Attn(torch.nn.Module):
-    """Stands in for a model's attention module (``training`` and the GQA ratio)."""
+    """Stands in for a model's attention module: ``training``, the GQA ratio, a config,
+    and a float32 linear layer (what transformers' flash path reads for its target dtype)."""
 
     def __init__(self, num_key_value_groups: int = 1):
         super().__init__()
         self.num_key_value_groups = num_key_value_groups
+        self.config = types.SimpleNamespace()
+        self.o_proj = torch.nn.Linear(1, 1)
+
+
+@contextlib.contextmanager
+def kernels_for(backend: str):
+    """Run ``backend``'s S2 path on CPU: the varlen ones with their contract stand-ins."""
+    with contextlib.ExitStack() as stack:
+        if backend == "torch_varlen":
+            stack.enter_context(
+                mock.patch.object(backend_module, "select_kernel", lambda *a: TORCH_VARLEN)
+            )
+            stack.enter_context(
+                mock.patch("torch.nn.attention.varlen.varlen_attn", varlen_contracts.varlen_attn)
+            )
+        if backend == "flash_attention_2":
+            module = types.SimpleNamespace(
+                flash_attn_varlen_func=varlen_contracts.flash_attn_varlen_func
+            )
+            stack.enter_context(mock.patch.dict(sys.modules, {"flash_attn": module}))
+        yield
 
 
 def run_s2(backend, q, k, v, group, position_ids, valid, window=None, training=True, builder=None):
     module = Attn(q.shape[1] // k.shape[1]).train(training)
     mask = DeferredMask(builder or (lambda **kw: None), {"attention_mask": valid})
-    out, weights = s2_attention_forward(
-        S2Settings(backend, group, 0.25),
-        module,
-        q,
-        k,
-        v,
-        mask,
-        position_ids=position_ids,
-        scaling=q.shape[-1] ** -0.5,
-        sliding_window=window,
-        dropout=0.0,
-    )
+    settings = S2Settings("sdpa" if backend == "torch_varlen" else backend, group, 0.25)
+    with kernels_for(backend):
+        out, weights = s2_attention_forward(
+            settings,
+            module,
+            q,
+            k,
+            v,
+            mask,
+            position_ids=position_ids,
+            scaling=q.shape[-1] ** -0.5,
+            sliding_window=window,
+            dropout=0.0,
+        )
     assert weights is None
     return out
 
@@ -200,59 +234,99 @@ def test_regular_pieces_cover_the_row_exactly():
 def test_segments_buckets_reassemble_valid_tokens():
     pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 0], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]])
     valid = torch.tensor([[True] * 9 + [False], [False, False] + [True] * 8])
-    seg = segments(pos, valid, group_size=4, shift=2)
+    layout = build_layout(pos, valid, (2, 10), 4, "padded", torch.device("cpu"))
+    seg = layout.segments[1]
     dests = torch.cat([b.dest for b in seg.buckets]).sort().values
     assert torch.equal(dests, valid.reshape(-1).nonzero().squeeze(1))
-    assert torch.equal(seg.token_index, dests)
-    assert int(seg.cu_seqlens[-1]) == int(valid.sum())
+    assert torch.equal(layout.token_index, dests)
+    assert int(seg.cu_seqlens[-1]) == int(valid.sum()) == layout.num_tokens
 
 
-def _varlen_stand_in(
-    q,
-    k,
-    v,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q,
-    max_seqlen_k,
-    dropout_p,
-    softmax_scale,
-    causal,
-    window_size,
-):
-    """flash-attn's documented varlen contract in plain torch (flash-attn needs CUDA):
-    causal attention inside each ``cu_seqlens`` span, keys at most ``window_size[0]`` back."""
-    assert causal and torch.equal(cu_seqlens_q, cu_seqlens_k) and cu_seqlens_q.dtype == torch.int32
-    assert max_seqlen_q == int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
-    out = torch.empty_like(q)
-    rep = q.shape[1] // k.shape[1]
-    for a, b in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(), strict=True):
-        n = b - a
-        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
-        allowed = (j <= i) & ((i - j <= window_size[0]) if window_size[0] >= 0 else True)
-        qs, ks, vs = (
-            x[a:b].transpose(0, 1)
-            for x in (q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))
+def test_varlen_layout_joins_both_halves():
+    pos = torch.cat([torch.arange(7), torch.arange(5)])[None].expand(2, -1)
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, 10:] = False
+    layout = build_layout(pos, valid, (2, 12), 4, "varlen", torch.device("cpu"))
+    unshifted, shifted = layout.segments
+    assert layout.num_tokens == 22 and layout.pieces is None
+    assert unshifted.cu_seqlens.tolist() == [0, 4, 7, 11, 12, 16, 19, 22]
+    assert shifted.cu_seqlens.tolist() == [0, 2, 6, 7, 9, 12, 14, 18, 19, 21, 22]
+    assert (unshifted.max_seqlen, shifted.max_seqlen) == (4, 4)
+    assert layout.joined.cu_seqlens.tolist() == unshifted.cu_seqlens.tolist() + [
+        22 + int(c) for c in shifted.cu_seqlens[1:]
+    ]
+    assert layout.joined.max_seqlen == 4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("heads", [4, 3])
+def test_batch_of_only_padding(backend, heads):
+    """Every token padding (max_seqlen 0): zeros out, zero (not missing) gradients."""
+    q, k, v = _tensors(2, heads, 1, 6)
+    valid = torch.zeros(2, 6, dtype=torch.bool)
+    out = run_s2(backend, q, k, v, 4, torch.arange(6)[None], valid)
+    assert out.shape == (2, 6, heads, 8) and torch.all(out == 0)
+    out.sum().backward()
+    assert all(t.grad is not None and torch.all(t.grad == 0) for t in (q, k, v))
+
+
+def test_window_with_gqa_repeats_kv_heads_instead_of_enable_gqa():
+    """A mask together with enable_gqa sends CUDA SDPA to its math kernel (L x L scores)."""
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(query, key, value, **kwargs):
+        calls.append(
+            (query.shape[-3], key.shape[-3], kwargs["attn_mask"] is not None, kwargs["enable_gqa"])
         )
-        scores = (qs @ ks.transpose(-1, -2)) * softmax_scale
-        out[a:b] = (scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ vs).transpose(0, 1)
-    return out
+        return real(query, key, value, **kwargs)
 
-
-@pytest.mark.parametrize("window", [None, 3])
-def test_flash_varlen_plumbing_with_a_contract_stand_in(monkeypatch, window):
-    """Our cu_seqlens / token order / window for flash-attn, checked through its contract."""
-    import sys
-    import types
-
-    monkeypatch.setitem(
-        sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=_varlen_stand_in)
+    q, k, v = _tensors(1, 4, 2, 24)
+    pos = torch.arange(24)[None]
+    with mock.patch("torch.nn.functional.scaled_dot_product_attention", recording):
+        out = run_s2("sdpa", q, k, v, 8, pos, None, window=3)
+    masked = [c for c in calls if c[2]]
+    assert masked and all(hq == hk and not gqa for hq, hk, _, gqa in masked)
+    ref = dense_attention(
+        q, k, v, s2_allowed(pos, torch.ones(1, 24, dtype=torch.bool), 4, 8, 3), 8**-0.5
     )
-    pos = torch.cat([torch.arange(11), torch.arange(17), torch.arange(2)])[None].expand(2, -1)
-    valid = torch.ones(2, 30, dtype=torch.bool)
-    valid[1, 25:] = False
-    q, k, v = _tensors(2, 6, 2, 30)
-    out = run_s2("flash_attention_2", q, k, v, 6, pos, valid, window)
-    ref = dense_attention(q, k, v, s2_allowed(pos, valid, 6, 6, window), 8**-0.5)
-    keep = valid[:, :, None, None]
-    assert torch.allclose(out * keep, ref * keep, atol=1e-5)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_flash_path_casts_fp32_inputs_like_transformers():
+    """fp32 q/k/v (QLoRA, fp32-upcast norms) reach flash-attn in the model's half dtype."""
+    seen = []
+
+    def recording(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return varlen_contracts.flash_attn_varlen_func(q, k, v, *args, **kwargs)
+
+    module = Attn(2).train()
+    module.o_proj.to(torch.bfloat16)
+    q, k, v = _tensors(1, 4, 2, 12)
+    settings = S2Settings("flash_attention_2", 4, 0.25)
+    fake = types.SimpleNamespace(flash_attn_varlen_func=recording)
+    with mock.patch.dict(sys.modules, {"flash_attn": fake}):
+        out, _ = s2_attention_forward(
+            settings, module, q, k, v, None, position_ids=torch.arange(12)[None], scaling=0.35
+        )
+    assert seen and all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen)
+    assert out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("backend", "device", "dtype", "dropout", "expected"),
+    [
+        ("sdpa", "cpu", torch.bfloat16, 0.0, "sdpa (is_causal, per group)"),
+        ("sdpa", "cuda", torch.bfloat16, 0.0, "torch.nn.attention.varlen.varlen_attn"),
+        ("sdpa", "cuda", torch.float16, 0.0, "torch.nn.attention.varlen.varlen_attn"),
+        ("sdpa", "cuda", torch.float32, 0.0, "sdpa (is_causal, per group)"),
+        ("sdpa", "cuda", torch.bfloat16, 0.1, "sdpa (is_causal, per group)"),
+        ("eager", "cuda", torch.bfloat16, 0.0, "eager (per group)"),
+        ("flash_attention_2", "cuda", torch.float32, 0.0, "flash_attn_varlen_func"),
+    ],
+)
+def test_kernel_choice(backend, device, dtype, dropout, expected):
+    from longlora_plugin.s2.kernels import select_kernel
+
+    assert select_kernel(backend, device, dtype, dropout).name == expected

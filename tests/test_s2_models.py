@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import sys
+import types
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from s2_reference import dense_attention, s2_allowed
+from torch.overrides import TorchFunctionMode
 from transformers import (
     AttentionInterface,
     AutoModelForCausalLM,
@@ -21,7 +25,7 @@ from transformers import (
 from transformers.masking_utils import AttentionMaskInterface
 
 from longlora_plugin import disable_s2_attn, enable_s2_attn
-from longlora_plugin.s2_attn import s2_settings
+from longlora_plugin.s2 import s2_settings
 
 GROUP = 8
 LENGTH = 40
@@ -227,10 +231,8 @@ def test_flash_backend_needs_flash_attn():
         pytest.skip("flash-attn installed: covered by the GPU benchmark")
     except ImportError:
         pass
-    from longlora_plugin.s2_attn import _pretrained
-
     model = AutoModelForCausalLM.from_config(_configs()["llama"], attn_implementation="sdpa")
-    _pretrained(model).config._attn_implementation_internal = "flash_attention_2"
+    model.config._attn_implementation_internal = "flash_attention_2"
     with pytest.raises(ImportError, match="flash-attn package"):
         enable_s2_attn(model)
 
@@ -261,3 +263,83 @@ def test_model_matches_reference_property(case):
     _assert_same(
         _forward_backward(model, inputs, valid), _forward_backward(reference, inputs, valid)
     )
+
+
+class _HostSyncs(TorchFunctionMode):
+    """Counts tensor operations that make the host wait for the device (``item``,
+    ``bool``/``int``/``float`` of a tensor, ``tolist``, ``nonzero``, boolean indexing)."""
+
+    NAMES = frozenset(
+        {"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "nonzero"}
+    )
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+        self.paused = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        boolean_index = name == "__getitem__" and any(
+            isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in args[1:]
+        )
+        if not self.paused and (name in self.NAMES or boolean_index):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _without_counting(counter, function):
+    """A varlen kernel's CPU stand-in, its own syncs not counted (the real one is a single
+    CUDA kernel)."""
+
+    def run(*args, **kwargs):
+        counter.paused = True
+        try:
+            return function(*args, **kwargs)
+        finally:
+            counter.paused = False
+
+    return run
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "torch_varlen", "flash_attn_varlen"])
+@pytest.mark.parametrize("layout", ["plain", "padded", "packed"])
+def test_host_syncs_do_not_grow_with_layers(kernel, layout):
+    """The layout is built once per forward: adding layers adds no host synchronisation,
+    with gradient checkpointing's recomputation included."""
+    from unittest import mock
+
+    from support import varlen_contracts
+
+    from longlora_plugin.s2 import backend as backend_module
+    from longlora_plugin.s2.kernels import FLASH_ATTN_VARLEN, TORCH_VARLEN
+
+    inputs, _ = _inputs(layout)
+    counts = []
+    for layers in (2, 4):
+        config = LlamaConfig(
+            num_attention_heads=4, num_key_value_heads=2, **{**COMMON, "num_hidden_layers": layers}
+        )
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_s2_attn(model, group_size=GROUP).train()
+        counter = _HostSyncs()
+        with contextlib.ExitStack() as stack:
+            if kernel == "torch_varlen":
+                stack.enter_context(
+                    mock.patch.object(backend_module, "select_kernel", lambda *a: TORCH_VARLEN)
+                )
+                standin = _without_counting(counter, varlen_contracts.varlen_attn)
+                stack.enter_context(mock.patch("torch.nn.attention.varlen.varlen_attn", standin))
+            if kernel == "flash_attn_varlen":
+                stack.enter_context(
+                    mock.patch.object(backend_module, "select_kernel", lambda *a: FLASH_ATTN_VARLEN)
+                )
+                standin = _without_counting(counter, varlen_contracts.flash_attn_varlen_func)
+                module = types.SimpleNamespace(flash_attn_varlen_func=standin)
+                stack.enter_context(mock.patch.dict(sys.modules, {"flash_attn": module}))
+            with counter:
+                model(**inputs).logits.sum().backward()
+        counts.append(counter.count)
+    assert counts[0] == counts[1], counts

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from longlora_plugin.rope import SCALED_TYPES, original_context, resolve_rope
+from longlora_plugin.s2 import unwrap_model
 
 LOG = logging.getLogger("longlora_plugin")
 
@@ -127,7 +128,7 @@ class EvalModel:
             "trained_length": self.trained_length,
             "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
             "device": str(self.device),
-            "attn_implementation": _pretrained(self.model).config._attn_implementation,
+            "attn_implementation": unwrap_model(self.model).config._attn_implementation,
             **self.extra,
         }
 
@@ -211,8 +212,8 @@ def load_eval_model(
         model = PeftModel.from_pretrained(model, path)
     model = ensure_full_attention(model.to(dev)).eval()
 
-    rope = getattr(_pretrained(model).config, "rope_parameters", None)
-    scaled = scaled_length(_pretrained(model).config, original)
+    rope = getattr(unwrap_model(model).config, "rope_parameters", None)
+    scaled = scaled_length(unwrap_model(model).config, original)
     if spec.rope is not None and not adapter:
         kind = "interpolation-only"
     else:
@@ -245,7 +246,7 @@ def from_loaded(
     switches it to full attention and ``eval()`` mode (the caller restores ``train()``
     if needed)."""
     model = ensure_full_attention(model).eval()
-    config = _pretrained(model).config
+    config = unwrap_model(model).config
     rope = getattr(config, "rope_parameters", None)
     original = original_length or _original_of_scaled(config)
     scaled = scaled_length(config, original)
@@ -264,7 +265,7 @@ def from_loaded(
 
 def ensure_full_attention(model: Any) -> Any:
     """Switch off S2-Attn if it is on (S2 is training-only); return ``model``."""
-    from longlora_plugin.s2_attn import disable_s2_attn, s2_settings
+    from longlora_plugin.s2 import disable_s2_attn, s2_settings
 
     if s2_settings(model) is not None:
         disable_s2_attn(model)
@@ -315,7 +316,3 @@ def _original_of_scaled(config: Any) -> int | None:
         max_pos = getattr(config, "max_position_embeddings", None)
         return round(max_pos / factor) if max_pos else None
     return original_context(config)
-
-
-def _pretrained(model: Any) -> Any:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model

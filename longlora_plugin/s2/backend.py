@@ -1,19 +1,21 @@
-"""Shifted sparse attention (S2-Attn) as a transformers attention backend.
+"""S2-Attn as a transformers attention backend: registration, switching, per-call entry.
 
 :func:`enable_s2_attn` registers, under a name of its own, an attention function with
 ``transformers.AttentionInterface`` and a mask builder with ``AttentionMaskInterface``
 that wrap the backend the model was using (``sdpa``, ``eager`` or ``flash_attention_2``),
 then switches the model to it with ``set_attn_implementation``. No model class is patched.
 
+Registered names (``longlora_s2_<alias>_g<G>`` or ``..._r<ratio>``) contain none of the
+substrings transformers dispatches on: ``flash`` (a flash-attention kernel to load),
+``flex_attention``, ``/`` (a Hub kernel) and ``paged|``. The flash-attn wrapper's alias is
+``fa2``. docs/s2-attn.md lists every place transformers inspects the name.
+
 Contract of the attention function:
 
 * ``module.training`` false: it calls the wrapped backend with exactly the arguments and
   mask the wrapped backend would have received (bit-identical outputs).
-* ``module.training`` true: for query head ``h < H // 2`` token ``i`` attends ``j`` iff
-  both are in the same document, ``p(j) <= p(i)`` and ``p(j) // G == p(i) // G``; heads
-  ``h >= H // 2`` use ``(p + G // 2) // G``. Documents come from ``position_ids``
-  (a new one wherever ``p[i] != p[i-1] + 1``), padding keys are never attended, a
-  sliding window is respected, nothing wraps around. Padding queries output zeros.
+* ``module.training`` true: :func:`longlora_plugin.s2.attention.s2_attention` with the
+  kernel :func:`~longlora_plugin.s2.kernels.select_kernel` picks.
 
 The mask builder returns a :class:`DeferredMask`: the wrapped builder runs only when a
 full-attention (eval) call asks for the mask, so training never materialises an
@@ -31,11 +33,14 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from longlora_plugin.s2_kernels import PADDED_KERNELS, flash_varlen_kernel
-from longlora_plugin.s2_layout import RegularPiece, Segments, regular_pieces, segments
+from longlora_plugin.s2.attention import s2_attention
+from longlora_plugin.s2.kernels import select_kernel
+from longlora_plugin.s2.layout import KernelKind, Layout, build_layout
 
 NAME_PREFIX = "longlora_s2"
-SUPPORTED_BACKENDS = ("sdpa", "eager", "flash_attention_2")
+# wrapped backend -> the alias in registered names (no "flash": see the module docstring)
+BACKEND_ALIASES: dict[str, str] = {"sdpa": "sdpa", "eager": "eager", "flash_attention_2": "fa2"}
+SUPPORTED_BACKENDS: tuple[str, ...] = tuple(BACKEND_ALIASES)
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,7 @@ class S2Settings:
         size = (
             f"g{self.group_size}" if self.group_size is not None else f"r{self.group_size_ratio:g}"
         )
-        return f"{NAME_PREFIX}_{self.backend}_{size}"
+        return f"{NAME_PREFIX}_{BACKEND_ALIASES[self.backend]}_{size}"
 
     def resolve(self, length: int) -> int:
         """Group size G for rows of ``length`` tokens."""
@@ -87,14 +92,15 @@ def validate_group(group_size: int | None, group_size_ratio: float | None) -> No
 def enable_s2_attn(
     model: torch.nn.Module, *, group_size: int | None = None, group_size_ratio: float = 0.25
 ) -> torch.nn.Module:
-    """Switch ``model`` (a transformers model, possibly PEFT-wrapped) to S2-Attn and return it.
+    """Switch ``model`` (a transformers model, possibly wrapped by PEFT, DDP, FSDP or
+    DeepSpeed) to S2-Attn and return it.
 
     ``group_size`` fixes G in tokens; otherwise ``G = int(group_size_ratio * L)`` for the
     row length L of each batch. The backend the model uses now is the one wrapped;
     enabling twice re-wraps the original backend with the new settings.
     """
     validate_group(group_size, group_size_ratio)
-    base = _pretrained(model)
+    base = unwrap_model(model)
     backend = wrapped_backend(base)
     if backend not in SUPPORTED_BACKENDS:
         raise ValueError(
@@ -110,7 +116,7 @@ def enable_s2_attn(
 
 def disable_s2_attn(model: torch.nn.Module) -> torch.nn.Module:
     """Switch ``model`` back to the backend S2-Attn wrapped (a no-op if S2 is not on)."""
-    base = _pretrained(model)
+    base = unwrap_model(model)
     backend = wrapped_backend(base)
     if backend != base.config._attn_implementation:
         base.set_attn_implementation(backend)
@@ -119,21 +125,31 @@ def disable_s2_attn(model: torch.nn.Module) -> torch.nn.Module:
 
 def wrapped_backend(model: torch.nn.Module) -> str:
     """The backend ``model`` runs under S2-Attn, or its current backend when S2 is off."""
-    current = _pretrained(model).config._attn_implementation
+    current = unwrap_model(model).config._attn_implementation
     settings = _REGISTERED.get(current)
     return settings.backend if settings else current
 
 
 def s2_settings(model: torch.nn.Module) -> S2Settings | None:
     """The active S2 settings of ``model``, or None."""
-    return _REGISTERED.get(_pretrained(model).config._attn_implementation)
+    return _REGISTERED.get(unwrap_model(model).config._attn_implementation)
 
 
-def _pretrained(model: torch.nn.Module) -> PreTrainedModel:
-    if isinstance(model, PreTrainedModel) and not hasattr(model, "get_base_model"):
-        return model
-    if hasattr(model, "get_base_model"):
-        return _pretrained(model.get_base_model())
+def unwrap_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model inside ``model``: through PEFT (``get_base_model``), DDP,
+    FSDP1 and DeepSpeed engines (``.module``) and ``torch.compile`` (``._orig_mod``).
+    FSDP2 keeps the model's own class. Raises ``TypeError`` for anything else."""
+    current = model
+    for _ in range(16):
+        if isinstance(current, PreTrainedModel) and not hasattr(current, "get_base_model"):
+            return current
+        if hasattr(current, "get_base_model"):
+            current = current.get_base_model()
+            continue
+        inner = getattr(current, "module", None) or getattr(current, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            break
+        current = inner
     raise TypeError(f"expected a transformers PreTrainedModel, got {type(model).__name__}")
 
 
@@ -166,7 +182,7 @@ def _register(settings: S2Settings) -> None:
 class DeferredMask:
     """The wrapped backend's attention mask, built on first request and then cached.
 
-    Carries the 2D padding mask (``padding``, ``[B, kv_len]`` bool or None) and a per-forward
+    Carries the 2D padding mask (``padding``, ``[B, kv_len]`` or None) and a per-forward
     cache of S2 layouts, so the layout is computed once for all layers.
     """
 
@@ -177,7 +193,7 @@ class DeferredMask:
         self._kwargs = kwargs
         self._built = False
         self._mask = None
-        self.layouts: dict[tuple[int, int], Any] = {}
+        self.layouts: dict[tuple[int, KernelKind], Layout] = {}
 
     @property
     def padding(self) -> torch.Tensor | None:
@@ -201,10 +217,9 @@ def s2_attention_forward(settings: S2Settings, module, query, key, value, attent
         if isinstance(attention_mask, DeferredMask):
             attention_mask = attention_mask.materialize()
         return _wrapped_function(settings.backend, module)(
-            module, query, key, value, attention_mask, **kwargs
+            _as_backend(module, settings.backend), query, key, value, attention_mask, **kwargs
         )
 
-    batch, heads, length, _ = query.shape
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise NotImplementedError("S2-Attn does not support attention softcapping or sinks")
     padding = None
@@ -218,41 +233,42 @@ def s2_attention_forward(settings: S2Settings, module, query, key, value, attent
         raise NotImplementedError(
             "S2-Attn needs the 2D padding mask; the model was given a prepared 4D attention mask"
         )
+    batch, _, length, _ = query.shape
     group = settings.resolve(length)
-    varlen = settings.backend == "flash_attention_2"
-    layout = _layout(
-        attention_mask,
-        kwargs.get("position_ids"),
-        padding,
-        (batch, length),
-        group,
-        varlen,
-        query.device,
-    )
-    window = kwargs.get("sliding_window")
     dropout = kwargs.get("dropout", 0.0)
-    scaling = kwargs.get("scaling")
-    n_rep = heads // key.shape[1]
+    kernel = select_kernel(settings.backend, query.device, query.dtype, dropout)
+    layout = _cached_layout(
+        attention_mask, kwargs.get("position_ids"), padding, query, group, kernel.kind
+    )
+    half_dtype = None
+    if kernel.casts_to_half:
+        from transformers.integrations.flash_attention import get_target_dtype
 
-    outputs = []
-    for first, last, shift in ((0, heads // 2, 0), (heads // 2, heads, group // 2)):
-        if first == last:
-            continue
-        q = query[:, first:last]
-        k, v = _kv_for_heads(key, first, last, n_rep), _kv_for_heads(value, first, last, n_rep)
-        half = layout[shift]
-        if settings.backend == "flash_attention_2":
-            out = _run_varlen(q, k, v, half, scaling=scaling, dropout=dropout, window=window)
-        elif isinstance(half, list):
-            out = _run_regular(
-                PADDED_KERNELS[settings.backend], q, k, v, half, scaling, dropout, window
-            )
-        else:
-            out = _run_segments(
-                PADDED_KERNELS[settings.backend], q, k, v, half, scaling, dropout, window
-            )
-        outputs.append(out)
-    return torch.cat(outputs, dim=2), None
+        half_dtype = get_target_dtype(query, module)
+    out = s2_attention(
+        kernel,
+        query,
+        key,
+        value,
+        layout,
+        scaling=kwargs.get("scaling"),
+        dropout=dropout,
+        window=kwargs.get("sliding_window"),
+        half_dtype=half_dtype,
+    )
+    return out, None
+
+
+def _cached_layout(carrier, position_ids, padding, query, group: int, kind: KernelKind) -> Layout:
+    """The batch's layout, built by the first layer and cached on the deferred mask."""
+    cache = carrier.layouts if isinstance(carrier, DeferredMask) else None
+    if cache is not None and (group, kind) in cache:
+        return cache[(group, kind)]
+    batch, _, length, _ = query.shape
+    layout = build_layout(position_ids, padding, (batch, length), group, kind, query.device)
+    if cache is not None:
+        cache[(group, kind)] = layout
+    return layout
 
 
 _EAGER_FUNCTIONS: dict[type, Any] = {}
@@ -271,109 +287,36 @@ def _wrapped_function(backend: str, module):
     return _EAGER_FUNCTIONS[cls]
 
 
-def _layout(carrier, position_ids, padding, shape, group: int, varlen: bool, device=None):
-    """``{shift: list[RegularPiece] | Segments}`` for both head halves, cached on the mask.
-
-    Regular pieces (the reshape fast path) when every row is one unpadded document whose
-    positions start alike and the kernel is not varlen; segments otherwise."""
-    batch, length = shape
-    cache = carrier.layouts if isinstance(carrier, DeferredMask) else None
-    if cache is not None and group in cache:
-        return cache[group]
-    if position_ids is None:
-        position_ids = torch.arange(length, device=device)[None]
-    position_ids = position_ids.expand(batch, length)
-    if padding is not None:
-        padding = padding[:, -length:].to(torch.bool)
-        if bool(padding.all()):
-            padding = None
-    regular = (
-        not varlen
-        and padding is None
-        and bool((position_ids[:, 1:] == position_ids[:, :-1] + 1).all())
-        and bool((position_ids[:, 0] == position_ids[0, 0]).all())
-    )
-    shifts = (0, group // 2)
-    if regular:
-        first = int(position_ids[0, 0])
-        result = {s: regular_pieces(length, group, s, first) for s in shifts}
-    else:
-        result = {s: segments(position_ids, padding, group, s) for s in shifts}
-    if cache is not None:
-        cache[group] = result
-    return result
+def _as_backend(module, backend: str):
+    """``module`` as the wrapped backend sees it. transformers' flash-attention forward
+    loads its kernel by ``module.config._attn_implementation``, which is the S2 name
+    here: it gets a view whose config reports ``flash_attention_2``."""
+    if backend != "flash_attention_2":
+        return module
+    return _ModuleView(module, _ConfigView(module.config, backend))
 
 
-def _kv_for_heads(states: torch.Tensor, first: int, last: int, n_rep: int) -> torch.Tensor:
-    """Key/value heads serving query heads ``[first, last)``; when the half splits a GQA
-    group, one kv head per query head."""
-    if first % n_rep == 0 and last % n_rep == 0:
-        return states[:, first // n_rep : last // n_rep]
-    index = torch.arange(first, last, device=states.device) // n_rep
-    return states.index_select(1, index)
+class _ConfigView:
+    """A model config that reports another ``_attn_implementation``; all else delegated."""
+
+    __slots__ = ("_config", "_attn_implementation")
+
+    def __init__(self, config, attn_implementation: str):
+        object.__setattr__(self, "_config", config)
+        object.__setattr__(self, "_attn_implementation", attn_implementation)
+
+    def __getattr__(self, name: str):
+        return getattr(self._config, name)
 
 
-def _run_regular(
-    kernel, q, k, v, pieces: list[RegularPiece], scaling, dropout, window
-) -> torch.Tensor:
-    """Fast path: every row is one unpadded document; returns ``[B, L, h, D]``."""
-    batch, heads, _, dim = q.shape
+class _ModuleView:
+    """An attention module seen with another ``config``; all else delegated."""
 
-    def grouped(x: torch.Tensor, piece: RegularPiece) -> torch.Tensor:
-        rows = x.transpose(1, 2)[:, piece.start : piece.start + piece.length * piece.count]
-        rows = rows.reshape(batch * piece.count, piece.length, x.shape[1], dim)
-        return rows.transpose(1, 2)
+    __slots__ = ("_module", "config")
 
-    outputs = []
-    for piece in pieces:
-        out = kernel(
-            grouped(q, piece),
-            grouped(k, piece),
-            grouped(v, piece),
-            scaling=scaling,
-            dropout=dropout,
-            window=window,
-        )
-        outputs.append(out.transpose(1, 2).reshape(batch, piece.count * piece.length, heads, dim))
-    return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+    def __init__(self, module, config):
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "config", config)
 
-
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    batch, heads, length, dim = x.shape
-    return x.transpose(1, 2).reshape(batch * length, heads, dim)
-
-
-def _run_segments(kernel, q, k, v, layout: Segments, scaling, dropout, window) -> torch.Tensor:
-    """General path (packing, padding): segments batched by length; returns ``[B, L, h, D]``."""
-    batch, heads, length, dim = q.shape
-    qf, kf, vf = _flat(q), _flat(k), _flat(v)
-    parts, dests = [], []
-    for bucket in layout.buckets:
-        index = bucket.gather
-        out = kernel(
-            qf[index].transpose(1, 2),
-            kf[index].transpose(1, 2),
-            vf[index].transpose(1, 2),
-            scaling=scaling,
-            dropout=dropout,
-            window=window,
-        )
-        parts.append(out.transpose(1, 2).reshape(-1, heads, dim)[bucket.keep])
-        dests.append(bucket.dest)
-    result = qf.new_zeros(batch * length, heads, dim)
-    if parts:
-        result = result.index_copy(0, torch.cat(dests), torch.cat(parts))
-    return result.view(batch, length, heads, dim)
-
-
-def _run_varlen(q, k, v, layout: Segments, *, scaling, dropout, window) -> torch.Tensor:
-    """flash-attn varlen path: one kernel call over all segments; returns ``[B, L, h, D]``."""
-    batch, heads, length, dim = q.shape
-    index = layout.token_index
-    qf, kf, vf = _flat(q)[index], _flat(k)[index], _flat(v)[index]
-    max_seqlen = int(layout.lengths.max()) if layout.lengths.numel() else 0
-    out = flash_varlen_kernel(
-        qf, kf, vf, layout.cu_seqlens, max_seqlen, scaling=scaling, dropout=dropout, window=window
-    )
-    result = out.new_zeros(batch * length, heads, dim).index_copy(0, index, out)
-    return result.view(batch, length, heads, dim)
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests (and the GPU check): references, stand-ins, tiny models."""
