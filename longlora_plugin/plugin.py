@@ -27,8 +27,6 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,7 @@ from axolotl.integrations.base import BasePlugin
 
 from longlora_plugin.config import LongLoRAConfig, LongLoRAConfigError, parse_longlora
 from longlora_plugin.rope import RopeResolution, load_base_config, resolve_rope
-from longlora_plugin.s2_attn import SUPPORTED_BACKENDS
+from longlora_plugin.s2 import SUPPORTED_BACKENDS
 
 LOG = logging.getLogger("longlora_plugin")
 
@@ -64,6 +62,7 @@ class LongLoRAPlugin(BasePlugin):
         self._rope: RopeResolution | None = None
         self._s2_on: bool = False
         self._post_train_calls: int = 0
+        self._attn_written: tuple[str | None, str, Any] | None = None
 
     # ------------------------------------------------------------------ schema
     def get_input_args(self) -> str:
@@ -90,6 +89,8 @@ class LongLoRAPlugin(BasePlugin):
         sequence_len = _sequence_len(cfg)
         check_combinations(cfg, settings, sequence_len)
         check_eval_data(settings)
+        impl, key = attention_implementation(cfg)
+        self._attn_written = (impl, key, cfg.get(key))  # validation drops legacy flags
 
         base_name = cfg.get("base_model_config") or cfg.get("base_model")
         if not base_name:
@@ -110,6 +111,19 @@ class LongLoRAPlugin(BasePlugin):
             stage_merge_base(cfg, self._rope)
 
     # ------------------------------------------------------------------ model
+    def pre_model_load(self, cfg: Any) -> None:
+        """Fail before the model is built when its attention backend is not installed.
+
+        Not at ``register``: ``axolotl merge-lora`` loads the same config (its first load
+        without ``merge_lora`` set), runs no attention kernel and must work without
+        flash-attn. On CUDA machines Axolotl's own validation rejects it earlier.
+        """
+        if cfg.get("longlora") is None or cfg.get("merge_lora"):
+            return
+        impl, key = attention_implementation(cfg)
+        written = self._attn_written or (impl, key, cfg.get(key))
+        require_flash_attn(*written)
+
     def post_model_build(self, cfg: Any, model: Any) -> None:
         """Switch the built model to S2-Attn (training runs) and log the two INFO lines."""
         if cfg.get("longlora") is None:
@@ -118,7 +132,7 @@ class LongLoRAPlugin(BasePlugin):
         settings = parse_longlora(cfg["longlora"])
         sequence_len = _sequence_len(cfg)
         if settings.s2_attn and not cfg.get("merge_lora"):
-            from longlora_plugin.s2_attn import enable_s2_attn
+            from longlora_plugin.s2 import enable_s2_attn
 
             group = settings.group_size_for(sequence_len)
             enable_s2_attn(model, group_size=group)
@@ -159,7 +173,7 @@ class LongLoRAPlugin(BasePlugin):
             return
         self._post_train_calls += 1
         if self._s2_on:
-            from longlora_plugin.s2_attn import disable_s2_attn
+            from longlora_plugin.s2 import disable_s2_attn
 
             disable_s2_attn(model)
             _info("longlora: training done, S2-Attn off (full attention from here on)")
@@ -269,12 +283,6 @@ def check_combinations(cfg: Any, settings: LongLoRAConfig, sequence_len: int) ->
             "longlora.trainable_params instead"
         )
     impl, key = attention_implementation(cfg)
-    if impl == "flash_attention_2" and not _ASSUME_FLASH_ATTN and find_spec("flash_attn") is None:
-        raise LongLoRAConfigError(
-            f"{key}={cfg.get(key)!r} needs the flash-attn package, which is not installed; "
-            "install it (pip install 'longlora-plugin[flash-attn]', CUDA only) or use "
-            "attn_implementation: sdpa"
-        )
     if settings.s2_attn and impl is not None:
         backends = SUPPORTED_BACKENDS
         if impl not in backends:
@@ -301,30 +309,27 @@ def check_eval_data(settings: LongLoRAConfig) -> None:
         )
 
 
-_ASSUME_FLASH_ATTN = False
-
-
-@contextmanager
-def flash_attn_assumed() -> Iterator[None]:
-    """Check configs as if flash-attn were installed here (``longlora validate`` of a GPU
-    config on a machine without CUDA); building the model still needs it."""
-    global _ASSUME_FLASH_ATTN
-    previous, _ASSUME_FLASH_ATTN = _ASSUME_FLASH_ATTN, True
-    try:
-        yield
-    finally:
-        _ASSUME_FLASH_ATTN = previous
+def require_flash_attn(impl: str | None, key: str, value: Any) -> None:
+    """Raise when the training backend is ``flash_attention_2`` and flash-attn is missing;
+    ``key``/``value``: the config entry that asked for it, as the user wrote it."""
+    if impl == "flash_attention_2" and find_spec("flash_attn") is None:
+        raise LongLoRAConfigError(
+            f"{key}={value!r} needs the flash-attn package, which is not installed; "
+            "install it (pip install 'longlora-plugin[flash-attn]', CUDA only) or use "
+            "attn_implementation: sdpa"
+        )
 
 
 def attention_implementation(cfg: Any) -> tuple[str | None, str]:
-    """``(backend, config key it came from)`` from ``attn_implementation`` or a legacy
-    boolean flag; ``(None, "attn_implementation")`` when unset (transformers' default)."""
+    """``(backend, config key the user wrote)`` from ``attn_implementation`` or a legacy
+    boolean flag (Axolotl's validation maps the flag onto ``attn_implementation``);
+    ``(None, "attn_implementation")`` when unset (transformers' default)."""
     impl = cfg.get("attn_implementation")
+    for flag, backend in LEGACY_ATTN_FLAGS.items():
+        if cfg.get(flag) and (not impl or impl == backend):  # Axolotl maps the flag
+            return backend, flag
     if impl:
         return str(impl), "attn_implementation"
-    for flag, backend in LEGACY_ATTN_FLAGS.items():
-        if cfg.get(flag):
-            return backend, flag
     return None, "attn_implementation"
 
 

@@ -189,11 +189,19 @@ def test_model_without_rope_is_refused(cfg_for, tmp_path):
     ],
 )
 def test_flash_attention_without_flash_attn(cfg_for, overrides, fragments):
+    """Training with flash_attention_2 fails before the model is built; merging the same
+    config (axolotl merge-lora runs no attention kernel) does not."""
     from importlib.util import find_spec
 
     if find_spec("flash_attn") is not None:
         pytest.skip("flash-attn is installed")
-    assert_error(cfg_for(**overrides), *fragments, "flash-attn", "attn_implementation: sdpa")
+    cfg = load(cfg_for(**overrides))
+    plugin = next(iter(_plugins().values()))
+    with pytest.raises(ValueError) as info:
+        plugin.pre_model_load(cfg)
+    for fragment in (*fragments, "flash-attn", "attn_implementation: sdpa"):
+        assert fragment in str(info.value)
+    plugin.pre_model_load(load(cfg_for(merge_lora=True, **overrides)))
 
 
 def test_s2_over_unsupported_backend(cfg_for):
@@ -473,6 +481,40 @@ def test_model_hooks_log_switch_and_restore(cfg_for, tiny_llama, caplog):
     plugin.post_train(cfg, model)  # Axolotl calls it twice
     assert model.config._attn_implementation == "sdpa"
     assert caplog.text.count("S2-Attn off") == 1
+
+
+@pytest.fixture
+def single_process_group():
+    """A one-rank gloo process group (what FSDP needs to wrap a model), torn down after."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_post_train_unwraps_an_fsdp1_full_finetune_model(cfg_for, tiny_llama, single_process_group):
+    """Axolotl hands post_train the trainer's model: FSDP1-wrapped in a full fine-tune."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = load(cfg_for(adapter=None, longlora={"group_size": 48}))
+    plugin = next(iter(_plugins().values()))
+    config = AutoConfig.from_pretrained(tiny_llama)
+    for key, value in cfg.overrides_of_model_config.items():
+        setattr(config, key, value)
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_llama, config=config, attn_implementation="sdpa"
+    )
+    plugin.post_model_build(cfg, model)
+    assert model.config._attn_implementation.startswith("longlora_s2_")
+    wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"))
+    plugin.post_train(cfg, wrapped)
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_dynamic_rope_keeps_original_max_positions(cfg_for, tiny_llama):

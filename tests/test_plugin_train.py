@@ -14,7 +14,8 @@ Runs (tiny models: hidden 64, 2 layers, pre-training context 64; sequence_len 25
   ``axolotl merge-lora``; then ``longlora eval`` on its adapter and merged directories.
 * ``llama_lora_packed_full`` - the same with ``s2_attn: false`` (S2 must change training).
 * ``qwen2_tied_lora_s2`` - Qwen2 with tied embeddings, LoRA, no packing, S2-Attn,
-  ``trainable_params: [embed, norm, lm_head]``; then ``axolotl merge-lora``.
+  ``trainable_params: [embed, norm, lm_head]``; then ``axolotl merge-lora`` with the
+  config switched to ``attn_implementation: flash_attention_2`` (no flash-attn here).
 * ``mistral_full_s2`` - Mistral, full fine-tune, no packing, gradient checkpointing,
   S2-Attn with ``group_size: 32``, RoPE yarn.
 """
@@ -46,6 +47,9 @@ SEQUENCE_LEN = 256
 RUN_TIMEOUT_S = 900
 # LoRA runs that are also merged: run name -> base model.
 LORA_RUNS = {"llama_lora_packed_s2": "llama", "qwen2_tied_lora_s2": "qwen2_tied"}
+# Merged from a copy of the config that says attn_implementation: flash_attention_2, as a
+# GPU config does: merging runs no attention kernel, so it must work without flash-attn.
+MERGE_AS_FLASH = ("qwen2_tied_lora_s2",)
 
 COMMON: dict[str, Any] = {
     "plugins": ["longlora_plugin.LongLoRAPlugin"],
@@ -217,8 +221,15 @@ def merged(runs: dict[str, AxolotlRun]) -> dict[str, Path]:
         for name in LORA_RUNS:
             trained = runs[name]
             trained.log()
+            cfg_path = trained.cfg_path
+            if name in MERGE_AS_FLASH:
+                cfg = yaml.safe_load(cfg_path.read_text())
+                cfg_path = cfg_path.with_name("merge-flash.yml")
+                cfg_path.write_text(
+                    yaml.safe_dump({**cfg, "attn_implementation": "flash_attention_2"})
+                )
             merging[name] = AxolotlRun.start(
-                name, "axolotl.cli.merge_lora", trained.cfg_path, trained.out_dir
+                name, "axolotl.cli.merge_lora", cfg_path, trained.out_dir
             )
         for run in merging.values():
             run.log()
