@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,6 +133,7 @@ class Report:
     total_params: int
     longlora: bool
     s2_line: str
+    kernel_lines: list[str]
     rope_lines: list[str]
     modules_to_save: list[str]
     lora_targets: list[str]
@@ -161,6 +160,7 @@ class Report:
             if self.longlora
             else "LongLoRA: no longlora block (the plugin does nothing)",
             f"  {self.s2_line}",
+            *[f"    S2 kernel on {line}" for line in self.kernel_lines],
             *[f"  {line}" for line in self.rope_lines],
             f"  trained in full (PEFT modules_to_save): {self.modules_to_save or 'none'}",
             f"  LoRA target modules: {self.lora_targets or 'none (no adapter)'}",
@@ -265,11 +265,8 @@ def _axolotl_validate(
 
     cfg = DictDefault(raw)
     cfg.axolotl_config_path = str(path)
-    wants_flash = str(cfg.get("attn_implementation") or "") in FLASH_BACKENDS or bool(
-        cfg.get("flash_attention")
-    )
-    with _flash_attn_assumed(wants_flash and not local, notes):
-        prepare_plugins(cfg)
+    _check_flash_attn(cfg, local, notes)
+    prepare_plugins(cfg)
     capabilities, env_capabilities = _capabilities(gpu, world)
     try:
         cfg = validate_config(cfg, capabilities=capabilities, env_capabilities=env_capabilities)
@@ -285,27 +282,26 @@ def _axolotl_validate(
     return cfg
 
 
-@contextmanager
-def _flash_attn_assumed(active: bool, notes: list[str]) -> Iterator[None]:
-    """Let the plugin's flash-attn check pass when flash-attn is missing *here*.
-
-    Validation usually runs on a machine without CUDA, where flash-attn cannot be
-    installed, for a config meant for a GPU machine; Axolotl's own check skips on such
-    machines for the same reason. ``--local`` turns this off.
-    """
+def _check_flash_attn(cfg: Any, local: bool, notes: list[str]) -> None:
+    """A missing flash-attn is an error with ``--local``, otherwise a note: validation
+    usually runs away from the GPU machine, where flash-attn cannot be installed."""
     from importlib.util import find_spec
 
-    from longlora_plugin.plugin import flash_attn_assumed
+    from longlora_plugin.plugin import attention_implementation
 
-    if not active or find_spec("flash_attn") is not None:
-        yield
+    impl, key = attention_implementation(cfg)
+    if impl not in FLASH_BACKENDS or find_spec("flash_attn") is not None:
         return
+    if local:
+        raise ValidationFailed(
+            f"{key}={cfg.get(key)!r} needs the flash-attn package, which is not installed "
+            "here (pip install 'longlora-plugin[flash-attn]', CUDA only); or use "
+            "attn_implementation: sdpa"
+        )
     notes.append(
-        "flash-attn is not installed on this machine: checked as if it were; the training "
-        "machine needs it (pip install 'longlora-plugin[flash-attn]'), or use --local"
+        "flash-attn is not installed on this machine: the training machine needs it "
+        "(pip install 'longlora-plugin[flash-attn]'); --local makes this an error"
     )
-    with flash_attn_assumed():
-        yield
 
 
 # ---------------------------------------------------------------------- report
@@ -324,6 +320,7 @@ def _report(cfg: Any, path: Path, *, world: int, gpu: str, notes: list[str]) -> 
     block = cfg.get("longlora")
     settings = parse_longlora(block) if block is not None else None
     group = None
+    kernel_lines: list[str] = []
     if settings is None:
         s2_line = "S2-Attn: off (no longlora block)"
     elif not settings.s2_attn:
@@ -336,6 +333,24 @@ def _report(cfg: Any, path: Path, *, world: int, gpu: str, notes: list[str]) -> 
             f"({-(-sequence_len // group)} groups per {sequence_len}-token row); training only, "
             "evaluation and inference use full attention"
         )
+        import torch
+
+        from longlora_plugin.s2.kernels import describe_kernels
+
+        dtype = (
+            torch.bfloat16
+            if cfg.get("bf16")
+            else torch.float16
+            if cfg.get("fp16")
+            else torch.float32
+        )
+        kernel_lines = describe_kernels(backend, dtype)
+        if cfg.get("sample_packing") and backend == "sdpa" and dtype == torch.bfloat16:
+            notes.append(
+                "Axolotl's warning 'sample_packing & torch sdpa with bf16 is unsupported' is "
+                "about SDPA with a block-diagonal mask on pre-Hopper GPUs; S2-Attn training "
+                "uses no mask (varlen kernel on CUDA), evaluation during training does"
+            )
         window = dims.sliding_window
         if window and window < group:
             s2_line += (
@@ -371,6 +386,7 @@ def _report(cfg: Any, path: Path, *, world: int, gpu: str, notes: list[str]) -> 
         total_params=total,
         longlora=settings is not None,
         s2_line=s2_line,
+        kernel_lines=kernel_lines,
         rope_lines=rope_lines,
         modules_to_save=modules_to_save,
         lora_targets=lora_targets,
