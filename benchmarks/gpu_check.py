@@ -21,12 +21,16 @@ Sections:
   same error of the model *without* S2 (plain causal attention in bf16 vs float64), which
   is what bf16 costs anyway.
 * ``eval_identity``: eval-mode S2-enabled model == the plain model, bit for bit.
-* ``speed``: bf16 training step (forward+backward with LM loss) of S2-Attn (G = L/4) vs
-  full attention (sdpa) vs ideal grouped (the same tokens as 4 rows of L/4), eval forward
-  with S2 enabled vs plain, CUDA-event timings (median), peak memory. Models: the
-  benchmark's 2-layer Llama (``s2_attn_bench.build``), a SmolLM2-135M-shaped model with
-  gradient checkpointing, 2 decoder layers shaped like Llama-2-7B. Rows are ordered by
-  importance and skipped when they would overrun ``--deadline``.
+* ``speed``: bf16 training step (forward+backward with LM loss) of full attention (sdpa),
+  S2-Attn (G = L/4) with the kernel S2 picks (PyTorch's varlen kernel on CUDA in bf16),
+  S2-Attn forced onto SDPA per group (the path before the varlen kernel), S2-Attn on the
+  same tokens packed as three documents, and ideal grouped (the same tokens as 4 rows of
+  L/4); eval forward with S2 enabled vs plain, CUDA-event timings (median), peak memory.
+  Models: a SmolLM2-135M-shaped model with gradient checkpointing, 2 decoder layers shaped
+  like Llama-2-7B, the benchmark's 2-layer Llama (``s2_attn_bench.build``). Rows are ordered
+  by importance and skipped when they would overrun ``--deadline``.
+* ``launches``: CUDA kernels per decoder layer per training step, full vs S2
+  (``benchmarks/s2_launches.py``), SmolLM2's 9/3 heads and 32/32 heads.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/gpu_check.py --out gpu_check.json
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gpu_check.py --smoke --out /tmp/smoke.json
@@ -65,13 +69,15 @@ from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM  #
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 
 from longlora_plugin import disable_s2_attn, enable_s2_attn  # noqa: E402
+from longlora_plugin.s2 import backend as s2_backend  # noqa: E402
+from longlora_plugin.s2.kernels import SDPA, select_kernel  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures" / "model_configs"
 FP32_ATOL = 1e-5
 BF16_FUNCTION_RTOL = 1e-2
 BF16_MODEL_RTOL = 2e-2
 MODEL_GROUP = 8  # tests/test_s2_models.GROUP
-VARIANTS = ("full", "s2", "grouped")
+VARIANTS = ("full", "s2", "s2_pieces", "s2_packed", "grouped")
 T0 = time.monotonic()
 
 
@@ -196,11 +202,36 @@ def preflight(entry: dict, device: str) -> None:
         except Exception as err:
             packages[name] = f"not importable ({type(err).__name__}: {err})"
     entry["packages"] = packages
+    try:
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+
+        entry["varlen_attn_signature"] = str(inspect.signature(varlen_attn))
+    except Exception as err:
+        entry["varlen_attn_signature"] = f"unavailable ({type(err).__name__}: {err})"
+    entry["s2_kernel_bf16"] = select_kernel("sdpa", device, torch.bfloat16).name
+    entry["s2_kernel_fp32"] = select_kernel("sdpa", device, torch.float32).name
     entry["flash_attn_importable"] = not packages["flash_attn"].startswith("not importable")
     log(
         f"torch {entry['torch']} (cuda {entry['torch_cuda']}), transformers {entry['transformers']}, "
-        f"{entry.get('gpu', device)}; flash_attn: {packages['flash_attn']}"
+        f"{entry.get('gpu', device)}; flash_attn: {packages['flash_attn']}; S2 kernel bf16: "
+        f"{entry['s2_kernel_bf16']}, fp32: {entry['s2_kernel_fp32']}"
     )
+
+
+@contextlib.contextmanager
+def forced_kernel(kernel):
+    """S2 on ``kernel`` whatever it would pick (None: its own choice)."""
+    if kernel is None:
+        yield
+        return
+    original = s2_backend.select_kernel
+    s2_backend.select_kernel = lambda *args, **kwargs: kernel
+    try:
+        yield
+    finally:
+        s2_backend.select_kernel = original
 
 
 def set_fp32_exact(device: str) -> dict:
@@ -335,6 +366,15 @@ def pinned_check(case, backend, dtype, device, pin, pinned: bool) -> dict:
         raise
 
 
+@contextlib.contextmanager
+def _pinned(kernel):
+    """SDPA pinned to one CUDA kernel; S2 forced onto SDPA per group so the pin matters."""
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(kernel), forced_kernel(SDPA):
+        yield
+
+
 def numerics_function(report: Report, entry: dict, device: str, smoke: bool) -> None:
     entry["tf32"] = set_fp32_exact(device)
     dtypes = [torch.float32, torch.bfloat16]
@@ -342,15 +382,17 @@ def numerics_function(report: Report, entry: dict, device: str, smoke: bool) -> 
         for backend in ("sdpa", "eager"):
             for dtype in dtypes:
                 pins = [("default", contextlib.nullcontext)]
+                if device == "cuda" and backend == "sdpa" and dtype == torch.bfloat16:
+                    pins.append(("s2-per-group", lambda: forced_kernel(SDPA)))
                 if device == "cuda" and backend == "sdpa" and case.get("window") is None:
-                    from torch.nn.attention import SDPBackend, sdpa_kernel
+                    from torch.nn.attention import SDPBackend
 
                     kernel = (
                         SDPBackend.FLASH_ATTENTION
                         if dtype == torch.bfloat16
                         else SDPBackend.EFFICIENT_ATTENTION
                     )
-                    pins.append((kernel.name.lower(), lambda k=kernel: sdpa_kernel(k)))
+                    pins.append((kernel.name.lower(), lambda k=kernel: _pinned(k)))
                 for pin_name, pin in pins:
                     record = {
                         "case": case["name"],
@@ -572,7 +614,6 @@ def eval_identity(report: Report, entry: dict, device: str, smoke: bool) -> None
 def speed_specs(smoke: bool) -> dict[str, dict]:
     shrink = {"vocab_size": 1024, "hidden_size": 128, "intermediate_size": 256} if smoke else {}
     return {
-        "bench-2L-h256": {"bench": True, "checkpointing": False},
         "SmolLM2-135M": {
             "fixture": "SmolLM2-135M",
             "overrides": {**shrink, "num_hidden_layers": 2} if smoke else {},
@@ -583,6 +624,7 @@ def speed_specs(smoke: bool) -> dict[str, dict]:
             "overrides": {**shrink, "num_hidden_layers": 1 if smoke else 2},
             "checkpointing": False,
         },
+        "bench-2L-h256": {"bench": True, "checkpointing": False},
     }
 
 
@@ -607,14 +649,30 @@ def build_speed_model(spec: dict, length: int, device: str, dtype):
 
 
 def set_variant(model, variant: str, length: int) -> None:
-    if variant == "s2":
+    if variant.startswith("s2"):
         enable_s2_attn(model, group_size=length // 4)
     else:
         disable_s2_attn(model)
 
 
-def train_step(model, ids) -> None:
-    model(input_ids=ids, labels=ids).loss.backward()
+def variant_inputs(ids: torch.Tensor, length: int) -> dict[str, dict]:
+    """Model inputs per variant: one row, the same row as 4 rows of L/4 (grouped), or the
+    same row packed as three documents (position_ids restart, as sample packing does)."""
+    docs = [3 * length // 8, 3 * length // 8, length - 6 * length // 8]
+    packed = torch.cat([torch.arange(n) for n in docs])[None].to(ids.device)
+    row = {"input_ids": ids}
+    return {
+        "full": row,
+        "s2": row,
+        "s2_pieces": row,
+        "s2_packed": {"input_ids": ids, "position_ids": packed},
+        "grouped": {"input_ids": ids.view(4, length // 4)},
+    }
+
+
+def train_step(model, inputs: dict, variant: str = "full") -> None:
+    with forced_kernel(SDPA if variant == "s2_pieces" else None):
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
     model.zero_grad(set_to_none=True)
 
 
@@ -650,7 +708,7 @@ def speed_row(model, spec_name: str, length: int, device: str, args) -> dict:
     ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0)).to(
         device
     )
-    inputs = {"full": ids, "s2": ids, "grouped": ids.view(4, length // 4)}
+    inputs = variant_inputs(ids, length)
     cuda = device == "cuda"
     row: dict = {"model": spec_name, "length": length, "group": length // 4}
     if cuda:
@@ -659,7 +717,7 @@ def speed_row(model, spec_name: str, length: int, device: str, args) -> dict:
     warm = {}
     for variant in VARIANTS:  # warm-up, also sizes the repeats
         set_variant(model, variant, length)
-        warm[variant] = timed_ms(lambda v=variant: train_step(model, inputs[v]), device)
+        warm[variant] = timed_ms(lambda v=variant: train_step(model, inputs[v], v), device)
     row["warmup_ms"] = warm
     step_s = sum(warm.values()) / 1e3
     left = args.deadline - (time.monotonic() - T0)
@@ -670,14 +728,17 @@ def speed_row(model, spec_name: str, length: int, device: str, args) -> dict:
     host = {v: [] for v in VARIANTS}
     mem_rise, mem_peak = {}, {}
     for r in range(repeats):  # interleaved, rotating which variant goes first
-        order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]
+        shift = r % len(VARIANTS)
+        order = VARIANTS[shift:] + VARIANTS[:shift]
         for variant in order:
             set_variant(model, variant, length)
             if cuda and r == 0:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()
-            times[variant].append(timed_ms(lambda v=variant: train_step(model, inputs[v]), device))
+            times[variant].append(
+                timed_ms(lambda v=variant: train_step(model, inputs[v], v), device)
+            )
             host[variant].append(HOST_MS[-1])
             if cuda and r == 0:
                 mem_peak[variant] = torch.cuda.max_memory_allocated()
@@ -705,6 +766,8 @@ def speed_row(model, spec_name: str, length: int, device: str, args) -> dict:
     med = {v: row["train"][v]["median_ms"] for v in VARIANTS}
     row["s2_over_full"] = med["s2"] / med["full"]
     row["s2_over_grouped"] = med["s2"] / med["grouped"]
+    row["s2_pieces_over_grouped"] = med["s2_pieces"] / med["grouped"]
+    row["s2_packed_over_s2"] = med["s2_packed"] / med["s2"]
     row["eval_s2_over_plain"] = (
         row["eval"]["s2_enabled"]["median_ms"] / row["eval"]["plain"]["median_ms"]
     )
@@ -781,19 +844,56 @@ def format_speed_row(row: dict) -> str:
     mem_s = " / ".join(gib(mem[v]) for v in VARIANTS) if mem else "n/a"
     peak_s = " / ".join(gib(peak[v]) for v in VARIANTS) if peak else "n/a"
     return (
-        f"| {row['model']} | {row['length']} | {t['full']:.1f} | {t['s2']:.1f} | {t['grouped']:.1f} | "
+        f"| {row['model']} | {row['length']} | {t['full']:.1f} | {t['s2']:.1f} | "
+        f"{t['s2_pieces']:.1f} | {t['s2_packed']:.1f} | {t['grouped']:.1f} | "
         f"{row['s2_over_full']:.2f} | {row['s2_over_grouped']:.2f} | "
+        f"{row['s2_pieces_over_grouped']:.2f} | {row['s2_packed_over_s2']:.2f} | "
         f"{row['eval']['plain']['median_ms']:.1f} | {row['eval_s2_over_plain']:.3f} | "
         f"{'yes' if row['eval_bit_identical'] else 'NO'} | {mem_s} | {peak_s} | {row['repeats']} |"
     )
 
 
 SPEED_HEADER = (
-    "| model | L | full ms | S2 ms | grouped ms | S2/full | S2/grouped | eval plain ms | "
-    "eval S2-off/plain | eval bit-identical | step mem rise GiB full / S2 / grouped | "
-    "peak allocated GiB full / S2 / grouped | repeats |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| model | L | full ms | S2 ms | S2 per-group ms | S2 packed ms | grouped ms | S2/full | "
+    "S2/grouped | S2 per-group/grouped | S2 packed/S2 | eval plain ms | eval S2-off/plain | "
+    "eval bit-identical | step mem rise GiB (" + " / ".join(VARIANTS) + ") | "
+    "peak allocated GiB (" + " / ".join(VARIANTS) + ") | repeats |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
+
+
+def launches(entry: dict, device: str, smoke: bool) -> None:
+    """CUDA kernels (CPU kernel calls on CPU) per decoder layer, full vs S2 (s2_launches)."""
+    from types import SimpleNamespace
+
+    import s2_launches
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    entry["rows"] = []
+    for heads, kv in ((9, 3), (32, 32)):
+        args = SimpleNamespace(
+            layers=1 if smoke else 2,
+            heads=heads,
+            kv_heads=kv,
+            backend="sdpa",
+            device=device,
+            dtype=dtype,
+            length=256 if smoke else 8192,
+        )
+        for layout in s2_launches.LAYOUTS:
+            full = s2_launches.per_layer(args, layout, False)
+            s2 = s2_launches.per_layer(args, layout, True)
+            row = {
+                "heads": f"{heads}/{kv}",
+                "layout": layout,
+                "length": args.length,
+                "full": full,
+                "s2": s2,
+            }
+            entry["rows"].append(row)
+            log(
+                f"  {heads}/{kv} heads {layout:6s} L={args.length}: full {full:.0f}, S2 {s2:.0f} per layer"
+            )
 
 
 # -------------------------------------------------------------------------------- main
@@ -847,6 +947,10 @@ def print_summary(report: Report) -> None:
         )
     for s in sp.get("skipped", []):
         print(f"skipped: {s}")
+    for row in sections.get("launches", {}).get("rows", []):
+        print(
+            f"launches per layer, {row['heads']} heads, {row['layout']}: full {row['full']:.0f}, S2 {row['s2']:.0f}"
+        )
     print(f"total {time.monotonic() - T0:.1f} s; JSON: {report.path}")
 
 
@@ -876,14 +980,21 @@ def main() -> None:
     parser.add_argument(
         "--sections",
         nargs="+",
-        default=["preflight", "numerics_function", "numerics_models", "eval_identity", "speed"],
+        default=[
+            "preflight",
+            "numerics_function",
+            "numerics_models",
+            "eval_identity",
+            "launches",
+            "speed",
+        ],
     )
     args = parser.parse_args()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.lengths is None:
-        args.lengths = [256, 512] if args.smoke else [8192, 16384, 32768, 65536]
+        args.lengths = [256, 512] if args.smoke else [8192, 16384, 32768]
     if args.deadline is None:
-        args.deadline = 90.0 if args.smoke else 300.0
+        args.deadline = 90.0 if args.smoke else 270.0
     if args.smoke:
         args.min_repeats, args.max_repeats = 2, 3
     report = Report(args.out)
@@ -899,6 +1010,7 @@ def main() -> None:
         "numerics_models": lambda e: numerics_models(report, e, device, args.smoke),
         "eval_identity": lambda e: eval_identity(report, e, device, args.smoke),
         "speed": lambda e: speed(report, e, device, args),
+        "launches": lambda e: launches(e, device, args.smoke),
     }
     for name in args.sections:
         with report.section(name) as entry:
