@@ -87,6 +87,11 @@ def test_stock_config_validates_offline(capsys, path: Path):
 
 EXPECTED = {
     "llama2-7b-32k": [
+        "S2-Attn: on, wraps sdpa, group size 8192, shift 4096",
+        "S2 kernel on cuda (bfloat16): unpacked and packed rows: "
+        "torch.nn.attention.varlen.varlen_attn, both head halves in one call",
+        "S2 kernel on cpu (float32): unpacked rows: sdpa (is_causal, per group)",
+        "note: Axolotl's warning 'sample_packing & torch sdpa with bf16 is unsupported'",
         "RoPE linear factor 8.0 (original 4096, target 32768)",
         "max_position_embeddings: 4096 -> 32768",
         "  LoRA: 8,388,608",
