@@ -22,6 +22,7 @@ Without a ``longlora:`` block every hook returns immediately and ``cfg`` is unto
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -54,6 +55,16 @@ LEGACY_ATTN_FLAGS = {
 }
 
 
+def _primary_only(hook):
+    """Run ``hook`` only on the primary LongLoRA plugin (:meth:`LongLoRAPlugin.is_primary`)."""
+
+    @functools.wraps(hook)
+    def run(self: LongLoRAPlugin, *args: Any, **kwargs: Any) -> Any:
+        return hook(self, *args, **kwargs) if self.is_primary() else None
+
+    return run
+
+
 class LongLoRAPlugin(BasePlugin):
     """Axolotl plugin applying LongLoRA: S2-Attn, trainable embeddings/norms, RoPE PI."""
 
@@ -64,12 +75,34 @@ class LongLoRAPlugin(BasePlugin):
         self._post_train_calls: int = 0
         self._attn_written: tuple[str | None, str, Any] | None = None
 
+    def is_primary(self) -> bool:
+        """False for a second instance of this plugin in Axolotl's plugin manager.
+
+        Axolotl keys plugins by the name they are listed under, and 0.21 also registers
+        every installed ``axolotl.plugins`` entry point (ours:
+        ``longlora_plugin.LongLoRAPlugin``). A config listing
+        ``longlora_plugin.plugin.LongLoRAPlugin``, or both spellings on any version, gets
+        two instances: without this every hook and ``longlora.eval`` would run twice,
+        and 0.21's schema merge would fail on the doubled arguments. The first instance
+        registered acts; the others do nothing. An instance outside the manager acts.
+        """
+        from axolotl.integrations.base import PluginManager
+
+        mine = [
+            p
+            for p in PluginManager.get_instance().plugins.values()
+            if isinstance(p, LongLoRAPlugin)
+        ]
+        return self not in mine or mine[0] is self
+
     # ------------------------------------------------------------------ schema
+    @_primary_only
     def get_input_args(self) -> str:
         """Dotted path of the pydantic model declaring the ``longlora`` key."""
         return INPUT_ARGS
 
     # ------------------------------------------------------------------ config
+    @_primary_only
     def register(self, cfg: dict) -> None:
         """Validate the ``longlora`` block and rewrite ``cfg`` (raw dict) in place.
 
@@ -111,6 +144,7 @@ class LongLoRAPlugin(BasePlugin):
             stage_merge_base(cfg, self._rope)
 
     # ------------------------------------------------------------------ model
+    @_primary_only
     def pre_model_load(self, cfg: Any) -> None:
         """Fail before the model is built when its attention backend is not installed.
 
@@ -124,6 +158,7 @@ class LongLoRAPlugin(BasePlugin):
         written = self._attn_written or (impl, key, cfg.get(key))
         require_flash_attn(*written)
 
+    @_primary_only
     def post_model_build(self, cfg: Any, model: Any) -> None:
         """Switch the built model to S2-Attn (training runs) and log the two INFO lines."""
         if cfg.get("longlora") is None:
@@ -149,6 +184,7 @@ class LongLoRAPlugin(BasePlugin):
         _check_model_rope(model, rope)
         _info(rope.log_line())
 
+    @_primary_only
     def post_model_load(self, cfg: Any, model: Any) -> None:
         """dynamic NTK: restore ``max_position_embeddings`` to the original context."""
         if cfg.get("longlora") is None or self._rope is None or self._rope.rope_type != "dynamic":
@@ -163,6 +199,7 @@ class LongLoRAPlugin(BasePlugin):
             )
             config.max_position_embeddings = self._rope.original
 
+    @_primary_only
     def post_train(self, cfg: Any, model: Any) -> None:
         """Switch back to the wrapped (full) attention backend; safe to call repeatedly.
 
@@ -225,6 +262,7 @@ class LongLoRAPlugin(BasePlugin):
         for kind, paths in written.items():
             _info("longlora: eval %s written: %s", kind, ", ".join(str(p) for p in paths.values()))
 
+    @_primary_only
     def post_lora_merge(self, cfg: Any, adapter_path: str, output_path: str) -> None:
         """Axolotl >= 0.21: write the RoPE parameters into the merged ``config.json``."""
         if cfg.get("longlora") is None:

@@ -218,10 +218,16 @@ def _check_outside_axolotl(raw: dict, model_config: Any, notes: list[str]) -> No
     plugins = [str(p) for p in raw.get("plugins") or []]
     has_plugin = any(p in PLUGIN_NAMES or p.startswith("longlora_plugin") for p in plugins)
     if "longlora" in raw and not has_plugin:
-        raise ValidationFailed(
-            "longlora block present but plugins does not list "
-            "longlora_plugin.LongLoRAPlugin: Axolotl would drop the block silently and train "
-            "without LongLoRA; add `plugins: [longlora_plugin.LongLoRAPlugin]`"
+        if not registered_by_entry_point():
+            raise ValidationFailed(
+                "longlora block present but plugins does not list "
+                "longlora_plugin.LongLoRAPlugin: Axolotl would drop the block silently and "
+                "train without LongLoRA; add `plugins: [longlora_plugin.LongLoRAPlugin]`"
+            )
+        notes.append(
+            "plugins does not list longlora_plugin.LongLoRAPlugin: this Axolotl registers "
+            "it through its installed entry point anyway; list it so that the config also "
+            "works on Axolotl 0.19, which does not"
         )
     if model_config is not None:
         directory = Path(model_config)
@@ -238,6 +244,15 @@ def _check_outside_axolotl(raw: dict, model_config: Any, notes: list[str]) -> No
             f"deepspeed={ds!r}: no such file; Axolotl resolves the path from the working "
             f"directory ({Path.cwd()}): run from the repository root or give an absolute path"
         )
+
+
+def registered_by_entry_point() -> bool:
+    """True when the installed Axolotl registers this plugin without a ``plugins:`` entry
+    (0.21+: every installed ``axolotl.plugins`` entry point; 0.19 has no such step)."""
+    from axolotl.integrations import base
+
+    builtin = getattr(base, "get_builtin_plugins", None)
+    return builtin is not None and "longlora_plugin.LongLoRAPlugin" in builtin()
 
 
 def _capabilities(gpu: str, world: int) -> tuple[dict, dict]:

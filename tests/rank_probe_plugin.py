@@ -71,6 +71,17 @@ class RankProbeCallback(TrainerCallback):
 class RankProbePlugin(BasePlugin):
     """Adds :class:`RankProbeCallback` to the trainer; makes multi-process CPU runs work."""
 
+    def register(self, cfg):
+        """Axolotl 0.21's ``prepare_optim_env`` (after ``register``, in ``load_cfg``) asks
+        ``torch.cuda.can_device_access_peer`` whether two ranks' GPUs can talk when
+        ``WORLD_SIZE > 1``; with a CUDA build of torch on a machine without a GPU that
+        raises instead of answering. There are no GPUs to connect here: answer yes."""
+        import torch
+        from axolotl.utils import trainer
+
+        if not torch.cuda.is_available() and hasattr(trainer, "check_cuda_p2p_ib_support"):
+            trainer.check_cuda_p2p_ib_support = lambda: True
+
     def load_datasets(self, cfg, preprocess: bool = False):
         """Runs after ``normalize_config`` and before the model loader reads
         ``cfg.device_map``. Axolotl 0.19 sets ``device_map = {"": LOCAL_RANK}`` whenever

@@ -196,7 +196,7 @@ def test_flash_attention_without_flash_attn(cfg_for, overrides, fragments):
     if find_spec("flash_attn") is not None:
         pytest.skip("flash-attn is installed")
     cfg = load(cfg_for(**overrides))
-    plugin = next(iter(_plugins().values()))
+    plugin = _longlora_plugin()
     with pytest.raises(ValueError) as info:
         plugin.pre_model_load(cfg)
     for fragment in (*fragments, "flash-attn", "attn_implementation: sdpa"):
@@ -455,6 +455,47 @@ def test_no_block_means_no_hook_does_anything(cfg_for, tiny_llama, tmp_path, cap
     assert not [r for r in caplog.records if r.name == "longlora_plugin"]
 
 
+def _spellings() -> list[list[str]]:
+    """Every accepted way to name the plugin; Axolotl 0.21 also takes ``module:Class`` and
+    registers installed entry points by itself (so no listing at all)."""
+    from axolotl.integrations import base
+
+    lists = [
+        ["longlora_plugin.LongLoRAPlugin"],
+        ["longlora_plugin.plugin.LongLoRAPlugin"],
+        ["longlora_plugin.LongLoRAPlugin", "longlora_plugin.plugin.LongLoRAPlugin"],
+    ]
+    if hasattr(base, "get_builtin_plugins"):  # 0.21
+        lists += [["longlora_plugin:LongLoRAPlugin", "longlora_plugin.plugin.LongLoRAPlugin"], []]
+    return lists
+
+
+@pytest.mark.parametrize("plugins", _spellings(), ids=lambda p: "+".join(p) or "entry-point")
+def test_one_plugin_acts_whatever_the_spelling(cfg_for, plugins, monkeypatch):
+    """One instance acts, so each hook and the end-of-training eval run once; two
+    instances also broke Axolotl 0.21's schema merge (``duplicate base class
+    LongLoRAArgs``)."""
+    from longlora_plugin.plugin import LongLoRAPlugin, add_trainable_modules
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return add_trainable_modules(*args, **kwargs)
+
+    monkeypatch.setattr("longlora_plugin.plugin.add_trainable_modules", counting)
+    cfg = load(cfg_for(plugins=plugins or None))
+    acting = [p for p in _plugins().values() if isinstance(p, LongLoRAPlugin) and p.is_primary()]
+    assert len(acting) == 1 and acting[0]._rope is not None and cfg.longlora is not None
+    assert len(calls) == 1
+    assert cfg.lora_modules_to_save == [
+        "embed_tokens",
+        "input_layernorm",
+        "post_attention_layernorm",
+        "norm",
+    ]
+
+
 # ------------------------------------------------------------------ model hooks in-process
 def test_model_hooks_log_switch_and_restore(cfg_for, tiny_llama, caplog):
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -463,7 +504,7 @@ def test_model_hooks_log_switch_and_restore(cfg_for, tiny_llama, caplog):
 
     caplog.set_level(logging.INFO, logger="longlora_plugin")
     cfg = load(cfg_for(longlora={"group_size": 48}))
-    plugin = next(iter(_plugins().values()))
+    plugin = _longlora_plugin()
     assert isinstance(plugin, LongLoRAPlugin)
     config = AutoConfig.from_pretrained(tiny_llama)
     for key, value in cfg.overrides_of_model_config.items():
@@ -503,7 +544,7 @@ def test_post_train_unwraps_an_fsdp1_full_finetune_model(cfg_for, tiny_llama, si
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = load(cfg_for(adapter=None, longlora={"group_size": 48}))
-    plugin = next(iter(_plugins().values()))
+    plugin = _longlora_plugin()
     config = AutoConfig.from_pretrained(tiny_llama)
     for key, value in cfg.overrides_of_model_config.items():
         setattr(config, key, value)
@@ -521,7 +562,7 @@ def test_dynamic_rope_keeps_original_max_positions(cfg_for, tiny_llama):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = load(cfg_for(longlora={"s2_attn": False, "rope": {"type": "dynamic"}}))
-    plugin = next(iter(_plugins().values()))
+    plugin = _longlora_plugin()
     config = AutoConfig.from_pretrained(tiny_llama)
     for key, value in cfg.overrides_of_model_config.items():
         setattr(config, key, value)
@@ -534,7 +575,7 @@ def test_dynamic_rope_keeps_original_max_positions(cfg_for, tiny_llama):
 
 def test_post_lora_merge_writes_rope(cfg_for, tmp_path):
     cfg = load(cfg_for())
-    plugin = next(iter(_plugins().values()))
+    plugin = _longlora_plugin()
     merged = tmp_path / "merged"
     merged.mkdir()
     (merged / "config.json").write_text(
@@ -551,6 +592,14 @@ def _plugins() -> dict[str, Any]:
     from axolotl.integrations.base import PluginManager
 
     return PluginManager.get_instance().plugins
+
+
+def _longlora_plugin():
+    """The LongLoRA plugin instance that acts in Axolotl's manager after ``load_cfg``."""
+    from longlora_plugin.plugin import LongLoRAPlugin
+
+    (plugin,) = [p for p in _plugins().values() if isinstance(p, LongLoRAPlugin) and p.is_primary()]
+    return plugin
 
 
 # ------------------------------------------------------------------ longlora.eval

@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from support.versions import AXOLOTL_021
 
 from longlora_plugin.tiny_models import (
     CPU_AXOLOTL,
@@ -87,7 +88,15 @@ EVAL_BLOCK: dict[str, Any] = {
 RUNS: dict[str, dict[str, Any]] = {
     "llama_lora_packed_s2": {
         "arch": "llama",
-        "cfg": {**LORA, **CHECKPOINT, "sample_packing": True, "longlora": {}},
+        # the module path spelling: on Axolotl 0.21 the entry point registers the plugin
+        # as longlora_plugin.LongLoRAPlugin too, and it must still run once
+        "cfg": {
+            **LORA,
+            **CHECKPOINT,
+            "sample_packing": True,
+            "longlora": {},
+            "plugins": ["longlora_plugin.plugin.LongLoRAPlugin"],
+        },
         "eval": EVAL_BLOCK,
     },
     "llama_lora_packed_full": {
@@ -353,6 +362,14 @@ def test_merged_model_matches_peft_model(merged, runs, base_models, name, arch):
 
     merged_dir = merged[name]
     out = runs[name].out_dir
+    # 0.21's merge-lora calls post_lora_merge, which patches the merged config.json; 0.19
+    # has no hook after the merge, so the plugin merges from a staged base directory.
+    merge_log = (runs[name].cfg_path.parent / f"{name}.merge_lora.log").read_text()
+    staged = (out / ".longlora_merge_base").is_dir()
+    if AXOLOTL_021:
+        assert not staged and f"into {merged_dir / 'config.json'}" in merge_log
+    else:
+        assert staged and "longlora: merge-lora: using" in merge_log
     merged_config = json.loads((merged_dir / "config.json").read_text())
     assert merged_config["rope_parameters"] == {
         "rope_type": "linear",
@@ -414,6 +431,7 @@ def test_end_of_training_eval_runs_once_with_full_attention(runs):
         assert (eval_dir / name).is_file(), name
     # (debug.log is rewritten by the later merge-lora run: read the training output)
     assert text.count("longlora: eval (full attention) into") == 1
+    assert text.count("longlora: S2-Attn on") == text.count("S2-Attn off (full attention") == 1
     assert "Perplexity, window-mean convention" in text
     ppl = json.loads((eval_dir / "ppl.json").read_text())
     (model,) = ppl["models"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support.versions import AXOLOTL_021
 
 from longlora_plugin.cli import main as cli_main
 from longlora_plugin.tiny_models import OFFLINE_ENV
@@ -205,10 +206,15 @@ def bad_config(tmp_path: Path, **changes) -> Path:
             {"attn_implementation": "sage"},
             ["attn_implementation='sage'", "longlora.s2_attn wraps only"],
         ),
-        ({"plugins": None}, ["longlora block present but plugins does not list"]),
         ({"deepspeed": "missing/zero2.json"}, ["deepspeed='missing/zero2.json': no such file"]),
         ({"micro_batch_size": "one"}, ["micro_batch_size"]),
-        ({"fsdp": ["full_shard"]}, ["deepspeed and fsdp cannot be used together"]),
+        # Axolotl's own messages, which differ by version
+        (
+            {"fsdp": ["full_shard"]},
+            ["The top-level `fsdp` list is no longer supported"]
+            if AXOLOTL_021
+            else ["deepspeed and fsdp cannot be used together"],
+        ),
     ],
 )
 def test_bad_config_exits_nonzero_with_message(capsys, tmp_path, changes, fragments):
@@ -218,6 +224,20 @@ def test_bad_config_exits_nonzero_with_message(capsys, tmp_path, changes, fragme
     assert "validation passed" not in out
     for fragment in fragments:
         assert fragment in err, f"{fragment!r} not in: {err}"
+
+
+def test_config_without_plugins_entry(capsys, tmp_path):
+    """0.19 would drop the block silently: an error. 0.21 registers the installed plugin
+    through its entry point: a note that the config needs the entry for 0.19."""
+    path = bad_config(tmp_path, plugins=None)
+    rc, out, err = run_cli(capsys, [str(path), "--model-config", FIXTURE])
+    if AXOLOTL_021:
+        assert rc == 0, err
+        assert "S2-Attn: on, wraps sdpa, group size 8192" in out
+        assert "note: plugins does not list longlora_plugin.LongLoRAPlugin" in out
+    else:
+        assert rc == 1
+        assert "longlora block present but plugins does not list" in err
 
 
 def test_same_message_as_training(capsys, tmp_path):
