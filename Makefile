@@ -21,6 +21,9 @@ export DO_NOT_TRACK := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore::DeprecationWarning
 
+# printed before each leg's tests
+LEG_INFO := 'import importlib.metadata as m, platform; print("=== test leg: Axolotl", m.version("axolotl") + ", Python", platform.python_version() + ", torch", m.version("torch"))'
+
 .PHONY: venv venv-0.21 test test-0.19 test-0.21 lint demo bench clean
 
 # torch first, pinned: an unpinned resolve would pull another (multi-GB) build
@@ -47,7 +50,7 @@ lint: venv
 test: lint test-0.19 test-0.21
 
 test-0.19: venv
-	@echo "=== test leg: $$($(PY) -c 'import importlib.metadata as m, platform; print(f"Axolotl {m.version(\"axolotl\")}, Python {platform.python_version()}, torch {m.version(\"torch\")}")')"
+	@$(PY) -c $(LEG_INFO)
 	$(PY) -m pytest -q
 
 # Without Python 3.12 the 0.21 leg cannot run: an error under CI, a plain notice elsewhere.
@@ -59,16 +62,16 @@ ifeq ($(PYTHON312),)
 	@echo "=== test leg SKIPPED: Axolotl 0.21 (no Python 3.12 found: put python3.12 on PATH, install it with pyenv, or set PYTHON312=...)"
 else
 	$(MAKE) --no-print-directory venv-0.21
-	@echo "=== test leg: $$($(PY21) -c 'import importlib.metadata as m, platform; print(f"Axolotl {m.version(\"axolotl\")}, Python {platform.python_version()}, torch {m.version(\"torch\")}")')"
+	@$(PY21) -c $(LEG_INFO)
 	$(PY21) -m pytest -q
 endif
 
 # make demo TEXT=my.txt (or a directory of .txt files) trains on your text instead of Austen
 demo: venv
-	$(PY) -m longlora_plugin.demo $(if $(TEXT),--text "$(TEXT)") $(if $(HOLDOUT),--holdout "$(HOLDOUT)")
+	$(PY) -m demo $(if $(TEXT),--text "$(TEXT)") $(if $(HOLDOUT),--holdout "$(HOLDOUT)")
 
 bench: venv
-	$(PY) benchmarks/s2_attn_bench.py
+	$(PY) -m benchmarks.s2_attn_bench
 
 clean:
 	rm -rf $(VENV) $(VENV21) outputs .pytest_cache

@@ -7,7 +7,7 @@ Run after one ``make demo`` (it needs the cached base model at ``outputs/demo/ba
 windows) on the held-out novel. Prints a table and writes
 ``benchmarks/results/demo_ablations.json``. ~3-4 min per variant on one CPU core.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/demo_ablations.py [--only NAME ...]
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.demo_ablations [--only NAME ...]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from longlora_plugin.tiny_models import OFFLINE_ENV
+from longlora_plugin.offline import OFFLINE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "example_configs" / "quickstart-cpu.yml"

@@ -7,7 +7,7 @@ queries give to keys at distance 0-31, 32-63, ..., 480-511 tokens, averaged over
 queries and windows. Prints one markdown table per model and writes a PNG with one panel
 per layer. Run after ``make demo``:
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/demo_attention.py \
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.demo_attention \
         [--model NAME=PATH ... [--rope NAME=TYPE:FACTOR ...]] [--png outputs/demo/attention.png]
 
 Default models: the demo's base, base + linear x4, base + YaRN x4, and the LongLoRA adapter.
@@ -19,9 +19,9 @@ import argparse
 from pathlib import Path
 
 import torch
-from demo_windows import add_arguments, models_with_windows
 
-from longlora_plugin.evaluation.report import _pyplot
+from benchmarks.demo_windows import add_arguments, models_with_windows
+from longlora_plugin.evaluation.report import pyplot
 
 
 def distance_mass(model: torch.nn.Module, rows: torch.Tensor, queries: int, bin_size: int):
@@ -43,7 +43,7 @@ def distance_mass(model: torch.nn.Module, rows: torch.Tensor, queries: int, bin_
 
 
 def plot(results: dict[str, torch.Tensor], bin_size: int, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     n_layers = next(iter(results.values())).shape[0]
     fig, axes = plt.subplots(1, n_layers, figsize=(3.2 * n_layers, 3), sharey=True)
     for layer, ax in enumerate(axes):

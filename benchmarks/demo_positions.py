@@ -5,7 +5,7 @@ evenly spaced windows of ``--length`` tokens (default 512 = 4x the demo's base c
 from ``outputs/demo/heldout.txt``, full attention, per-token loss averaged over the
 windows and reported per block of ``--block`` positions. Run after ``make demo``:
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/demo_positions.py \
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.demo_positions \
         [--model NAME=PATH ... [--rope NAME=TYPE:FACTOR ...]]
 
 Default models: the demo's base, base + linear x4, base + YaRN x4, and the LongLoRA adapter.
@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from demo_windows import add_arguments, models_with_windows
-
+from benchmarks.demo_windows import add_arguments, models_with_windows
 from longlora_plugin.evaluation.loss import token_nll
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from longlora_plugin.eval_cli import model_specs
+from longlora_plugin.cli.eval import model_specs
 from longlora_plugin.evaluation.models import EvalModel, load_eval_model
 from longlora_plugin.evaluation.perplexity import token_stream, window_mean_starts
 

@@ -7,14 +7,14 @@ after every case, so a run cut short still leaves what it measured.
 Sections:
 
 * ``preflight``: versions, GPU, whether flash-attn is importable, SDPA kernels enabled.
-* ``numerics_function``: ``s2_attention_forward`` (through ``tests/test_s2_function.run_s2``)
-  vs the independent dense reference (``tests/s2_reference.py``) computed in float64 on the
+* ``numerics_function``: ``s2_attention_forward`` (through ``tests/support/s2_calls.run_s2``)
+  vs the independent dense reference (``tests/support/s2_reference.py``) computed in float64 on the
   same inputs, sdpa and eager, fp32 (TF32 off; max abs error <= 1e-5, as on CPU) and bf16
   (relative L2 error <= 1e-2 against the float64 reference on the bf16-rounded inputs);
   outputs and q/k/v gradients; plain / padded (left and right) / packed rows, GQA, MQA,
   odd head counts, a sliding window; sdpa also with the kernel pinned (flash for bf16,
   memory-efficient for fp32).
-* ``numerics_models``: whole tiny models of ``tests/test_s2_models._configs()`` (Llama 4/2,
+* ``numerics_models``: whole tiny models of ``tests/support/s2_models.configs()`` (Llama 4/2,
   9/3, 4/1, Mistral with window, Qwen2, Qwen3, Phi-3), S2 model vs a float64 copy of it
   running the dense reference; logits and every parameter's gradient. fp32: max abs <= 1e-5.
   bf16: relative L2 <= 2e-2 (logits, all gradients as one vector), reported next to the
@@ -32,8 +32,8 @@ Sections:
 * ``launches``: CUDA kernels per decoder layer per training step, full vs S2
   (``benchmarks/s2_launches.py``), SmolLM2's 9/3 heads and 32/32 heads.
 
-    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/gpu_check.py --out gpu_check.json
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gpu_check.py --smoke --out /tmp/smoke.json
+    PYTHONUNBUFFERED=1 python3 -m benchmarks.gpu_check --out gpu_check.json
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.gpu_check --smoke --out /tmp/smoke.json
 """
 
 from __future__ import annotations
@@ -55,28 +55,24 @@ import traceback
 import zlib
 from pathlib import Path
 
+import torch
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
+from transformers.masking_utils import AttentionMaskInterface
+
+from benchmarks.s2_attn_bench import build as build_bench_model
+from longlora_plugin import disable_s2_attn, enable_s2_attn
+from longlora_plugin.s2 import backend as s2_backend
+from longlora_plugin.s2.kernels import SDPA, select_kernel
+from tests.support.s2_calls import run_s2
+from tests.support.s2_models import GROUP as MODEL_GROUP
+from tests.support.s2_models import configs, model_inputs
+from tests.support.s2_reference import dense_attention, s2_allowed
+
 ROOT = Path(__file__).resolve().parents[1]
-for _extra in (ROOT / "benchmarks", ROOT / "tests", ROOT):
-    if str(_extra) not in sys.path:
-        sys.path.insert(0, str(_extra))
-
-import torch  # noqa: E402
-from s2_attn_bench import build as build_bench_model  # noqa: E402
-from s2_reference import dense_attention, s2_allowed  # noqa: E402
-from test_s2_function import run_s2  # noqa: E402
-from test_s2_models import _configs, _inputs  # noqa: E402
-from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM  # noqa: E402
-from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
-
-from longlora_plugin import disable_s2_attn, enable_s2_attn  # noqa: E402
-from longlora_plugin.s2 import backend as s2_backend  # noqa: E402
-from longlora_plugin.s2.kernels import SDPA, select_kernel  # noqa: E402
-
 FIXTURES = ROOT / "tests" / "fixtures" / "model_configs"
 FP32_ATOL = 1e-5
 BF16_FUNCTION_RTOL = 1e-2
 BF16_MODEL_RTOL = 2e-2
-MODEL_GROUP = 8  # tests/test_s2_models.GROUP
 VARIANTS = ("full", "s2", "s2_pieces", "s2_packed", "grouped")
 T0 = time.monotonic()
 
@@ -424,7 +420,7 @@ def numerics_function(report: Report, entry: dict, device: str, smoke: bool) -> 
 
 
 def reference_backend(group: int) -> str:
-    """Dense S2 reference backend (tests/s2_reference.py) usable on any device: the mask is
+    """Dense S2 reference backend (tests/support/s2_reference.py) usable on any device: the mask is
     built on the CPU from the positions and padding, then moved to the query's device."""
     name = f"s2_reference_anydevice_g{group}"
 
@@ -480,10 +476,10 @@ def compare_model_runs(mine, theirs) -> dict:
 
 def check_model_case(arch: str, layout: str, backend: str, dtype, device: str) -> dict:
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(_configs()[arch], attn_implementation=backend)
+    base = AutoModelForCausalLM.from_config(configs()[arch], attn_implementation=backend)
     base = base.to(device=device, dtype=dtype)
     reference = copy.deepcopy(base).to(torch.float64)  # exact upcast of the tested weights
-    inputs_cpu, valid_cpu = _inputs(layout)
+    inputs_cpu, valid_cpu = model_inputs(layout)
     inputs = {k: v.to(device) for k, v in inputs_cpu.items()}
     valid = valid_cpu.to(device)
     shape = (*valid.shape, base.config.vocab_size)
@@ -520,7 +516,7 @@ def check_model_case(arch: str, layout: str, backend: str, dtype, device: str) -
 
 def numerics_models(report: Report, entry: dict, device: str, smoke: bool) -> None:
     entry["tf32"] = set_fp32_exact(device)
-    archs = list(_configs())
+    archs = list(configs())
     layouts = ("plain", "padded", "packed")
     plan = [(a, lay, "sdpa", torch.float32) for a in archs for lay in layouts]
     plan += [
@@ -570,10 +566,10 @@ def _model_case(
 
 def check_eval_identity(arch: str, layout: str, backend: str, dtype, device: str) -> dict:
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(_configs()[arch], attn_implementation=backend)
+    base = AutoModelForCausalLM.from_config(configs()[arch], attn_implementation=backend)
     base = base.to(device=device, dtype=dtype).eval()
     s2 = enable_s2_attn(copy.deepcopy(base), group_size=MODEL_GROUP).eval()
-    inputs = {k: v.to(device) for k, v in _inputs(layout)[0].items()}
+    inputs = {k: v.to(device) for k, v in model_inputs(layout)[0].items()}
     with torch.no_grad():
         a, b = s2(**inputs).logits, base(**inputs).logits
     return {
@@ -866,7 +862,7 @@ def launches(entry: dict, device: str, smoke: bool) -> None:
     """CUDA kernels (CPU kernel calls on CPU) per decoder layer, full vs S2 (s2_launches)."""
     from types import SimpleNamespace
 
-    import s2_launches
+    from benchmarks import s2_launches
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     entry["rows"] = []

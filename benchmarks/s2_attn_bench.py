@@ -8,8 +8,8 @@ peak memory is the rise of the peak RSS above the live RSS during one step, in a
 fresh subprocess whose allocations return to the OS when freed (CPU), or ``torch.cuda.max_memory_allocated`` (CUDA). Eval overhead is
 the eval-mode forward of the S2-enabled model over the plain one (should be ~1.0).
 
-    .venv/bin/python benchmarks/s2_attn_bench.py                      # CPU, sdpa + eager
-    .venv/bin/python benchmarks/s2_attn_bench.py --device cuda --dtype bfloat16 \
+    .venv/bin/python -m benchmarks.s2_attn_bench                      # CPU, sdpa + eager
+    .venv/bin/python -m benchmarks.s2_attn_bench --device cuda --dtype bfloat16 \
         --backends sdpa flash_attention_2 --lengths 8192 16384 32768
 """
 
@@ -24,6 +24,7 @@ import platform
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -119,14 +120,17 @@ def peak_memory(backend, length, device, dtype) -> dict[str, float]:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     command = [
         sys.executable,
-        __file__,
+        "-m",
+        "benchmarks.s2_attn_bench",
         "--memory-child",
         "--backends",
         backend,
         "--lengths",
         str(length),
     ]
-    child = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+    child = subprocess.run(
+        command, capture_output=True, text=True, check=True, env=env, cwd=Path(__file__).parents[1]
+    )
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 

@@ -8,8 +8,8 @@ metadata-only operations are not counted); on CUDA, device kernels.
 Rows: full attention (the wrapped backend), S2-Attn, and the attention-only difference
 S2 minus full.
 
-    .venv/bin/python benchmarks/s2_launches.py                        # CPU
-    python benchmarks/s2_launches.py --device cuda --dtype bfloat16   # GPU
+    .venv/bin/python -m benchmarks.s2_launches                        # CPU
+    python -m benchmarks.s2_launches --device cuda --dtype bfloat16   # GPU
 """
 
 from __future__ import annotations

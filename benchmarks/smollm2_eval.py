@@ -41,7 +41,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 MODEL_DIR = REPO / "outputs" / "smollm2-135m-instruct"
 ADAPTER_DIR = REPO / "outputs" / "smollm2-135m-16k-cpu"
@@ -107,9 +106,9 @@ def training_summary(log: Path) -> dict:
 
 
 def plot(payload: dict, blocks: dict, path: Path) -> Path:
-    from longlora_plugin.evaluation.report import _pyplot
+    from longlora_plugin.evaluation.report import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for name in [m["name"] for m in payload["models"]]:
         pts = sorted(
@@ -155,7 +154,7 @@ def plot(payload: dict, blocks: dict, path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from longlora_plugin.corpora import austen_novels
+    from demo.corpora import austen_novels
     from longlora_plugin.evaluation import runner
     from longlora_plugin.evaluation.models import ModelSpec, RopeOverride, load_eval_model
     from longlora_plugin.evaluation.report import ppl_table

@@ -12,7 +12,7 @@ Stages (run one with its name, or ``all`` in order):
 
 Example (about 1 h 40 min on one CPU thread)::
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/smollm2_extend.py all
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.smollm2_extend all
 
 Every stage skips work already done (converted model, dataset file); ``train`` always trains.
 """
@@ -27,10 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from longlora_plugin.offline import OFFLINE_ENV
 
-from longlora_plugin.tiny_models import OFFLINE_ENV  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 MODEL_DIR = REPO / "outputs" / "smollm2-135m-instruct"
 DATA_FILE = REPO / "outputs" / "smollm2-austen-train.jsonl"
@@ -40,7 +39,7 @@ HELD_OUT = "emma"
 
 
 def convert(model_dir: Path = MODEL_DIR) -> Path:
-    from longlora_plugin.smollm2 import ensure_model
+    from longlora_plugin.cli.smollm2 import ensure_model
 
     return ensure_model(model_dir, log=lambda m: print(m, file=sys.stderr))
 
@@ -79,7 +78,7 @@ def write_dataset(
     """jsonl of ``{"text", "novel"}`` rows: every Austen novel but the held-out one."""
     from transformers import AutoTokenizer
 
-    from longlora_plugin.corpora import austen_novels
+    from demo.corpora import austen_novels
 
     if out.is_file():
         return out

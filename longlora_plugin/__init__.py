@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     if name == "LongLoRAPlugin":
-        from longlora_plugin.plugin import LongLoRAPlugin
+        from longlora_plugin.axolotl.plugin import LongLoRAPlugin
 
         return LongLoRAPlugin
     raise AttributeError(f"module 'longlora_plugin' has no attribute {name!r}")

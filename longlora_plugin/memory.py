@@ -49,8 +49,8 @@ checkpointing (forward, recomputation, input gradients; +1 for weight gradients 
 fine-tuning, -1 without checkpointing) and ``k_attn = 4`` attention forwards (forward,
 recomputation, backward ~ 2x). Step time = FLOPs per GPU / (peak bf16 FLOP/s * MFU) with
 MFU 0.47, calibrated on the paper's 7B LongLoRA 8k run (5.2 h for 1000 steps on 8 A100).
-:data:`PAPER_7B_COST` holds the paper's measured numbers; ``tests/test_memory.py`` and
-``docs/configs.md`` compare them with this estimate.
+``tests/test_memory.py`` and ``docs/configs.md`` compare it with the paper's measured
+numbers (``tests/support/paper.py``).
 """
 
 from __future__ import annotations
@@ -72,29 +72,6 @@ GPUS: dict[str, tuple[float, float]] = {
     "l40s-48gb": (48.0, 362e12),
     "a10g-24gb": (24.0, 125e12),
     "rtx4090-24gb": (24.0, 165e12),
-}
-
-# The paper (Table 6 / section 4.2 text): Llama-2 7B, 1000 steps on 8 x A100 80GB,
-# FlashAttention-2, DeepSpeed ZeRO-2, batch 1 x accumulation 8 per GPU.
-# (method, sequence_len) -> (hours, GB); None = out of memory.
-PAPER_7B_COST: dict[tuple[str, int], tuple[float, float] | None] = {
-    ("full", 8192): (7.4, 46.3),
-    ("full", 16384): (16.3, 57.4),
-    ("full", 32768): (39.8, 68.8),
-    ("full", 65536): None,
-    ("lora", 8192): (6.0, 25.7),
-    ("lora", 16384): (14.0, 34.7),
-    ("lora", 32768): (36.5, 46.5),
-    ("lora", 65536): (92.5, 71.1),
-    ("longlora", 8192): (5.2, 25.6),
-    ("longlora", 16384): (11.3, 34.6),
-    ("longlora", 32768): (24.6, 46.4),
-    ("longlora", 65536): (52.4, 69.8),
-}
-# Without FlashAttention-2, 7B at 8k (the paper's text): (hours, GB).
-PAPER_7B_NO_FLASH_8K: dict[str, tuple[float, float]] = {
-    "lora": (17.5, 55.5),
-    "longlora": (8.2, 30.3),
 }
 
 

@@ -27,11 +27,13 @@ import copy
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 LOG = logging.getLogger("longlora_plugin")
 
-SCALED_TYPES: tuple[str, ...] = ("linear", "dynamic", "yarn", "llama3")
+RopeType = Literal["linear", "dynamic", "yarn", "llama3", "none"]
+"""``longlora.rope.type``: a transformers RoPE type to scale with, or ``none``."""
+SCALED_TYPES: tuple[str, ...] = tuple(t for t in get_args(RopeType) if t != "none")
 LLAMA3_DEFAULTS: dict[str, float] = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
 
 

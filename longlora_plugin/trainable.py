@@ -24,14 +24,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
 LOG = logging.getLogger("longlora_plugin")
 
-KINDS: tuple[str, ...] = ("embed", "norm", "lm_head")
+TrainableKind = Literal["embed", "norm", "lm_head"]
+KINDS: tuple[str, ...] = get_args(TrainableKind)
 NORM_CLASS_SUFFIXES: tuple[str, ...] = ("Norm", "RMSNorm", "LayerNorm")
 
 

@@ -1,5 +1,5 @@
 """Shared pytest setup: offline/no-telemetry environment, Axolotl plugin-state reset,
-tiny-model and dataset fixtures (helpers live in ``longlora_plugin.tiny_models``)."""
+tiny-model and dataset fixtures (helpers live in ``tests/support/tiny_models.py``)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from longlora_plugin.tiny_models import OFFLINE_ENV, build_tiny_model, write_text_dataset  # noqa: E402
+from longlora_plugin.offline import OFFLINE_ENV
+from tests.support.tiny_models import build_tiny_model, write_text_dataset
 
 # Set before anything imports huggingface_hub/transformers/axolotl: they read these at
 # import time. AXOLOTL_DO_NOT_TRACK=1 is mandatory offline (telemetry flush hangs).

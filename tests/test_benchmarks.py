@@ -14,11 +14,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_gpu_check_smoke_run_on_cpu(tmp_path):
     out = tmp_path / "gpu_check.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [
             sys.executable,
-            "benchmarks/gpu_check.py",
+            "-m",
+            "benchmarks.gpu_check",
             "--smoke",
             "--device",
             "cpu",

@@ -20,8 +20,6 @@ import pytest
 
 from longlora_plugin.memory import (
     GIB,
-    PAPER_7B_COST,
-    PAPER_7B_NO_FLASH_8K,
     ModelDims,
     Parallelism,
     TrainingShape,
@@ -29,6 +27,7 @@ from longlora_plugin.memory import (
     forward_flops_per_sequence,
     step_seconds,
 )
+from tests.support.paper import PAPER_7B_COST, PAPER_7B_NO_FLASH_8K
 
 REPO = Path(__file__).parents[1]
 LLAMA2_7B = ModelDims.from_config(

@@ -44,6 +44,8 @@ FILLER_SENTENCES: tuple[str, ...] = (
 INFO = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 KEY_RANGE: tuple[int, int] = (1, 50000)
+DEFAULT_DEPTHS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+DEFAULT_TRIALS = 10  # the paper's trials per length
 
 
 @dataclass

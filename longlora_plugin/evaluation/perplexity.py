@@ -26,14 +26,14 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
 from longlora_plugin.evaluation.loss import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, token_nll
 
-WINDOW_MEAN = "window-mean"
-SLIDING_WINDOW = "sliding-window"
+Convention = Literal["window-mean", "sliding-window"]
+WINDOW_MEAN, SLIDING_WINDOW = get_args(Convention)
 CONVENTIONS: dict[str, str] = {
     WINDOW_MEAN: (
         "LongLoRA paper: flat token stream (documents joined with EOS, no BOS), windows of "

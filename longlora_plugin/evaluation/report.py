@@ -89,7 +89,7 @@ def passkey_table(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -127,7 +127,7 @@ def _reference_lines(ax: Any, payload: dict[str, Any], colors: dict[str, Any]) -
 def plot_ppl(payload: dict[str, Any], path: Path) -> Path:
     """Perplexity vs context length, one panel per convention, one line per model; the
     original length (dashed grey) and each model's trained length (dotted) marked."""
-    plt = _pyplot()
+    plt = pyplot()
     conventions = [
         c for c in payload["conventions"] if any(r["convention"] == c for r in payload["results"])
     ]
@@ -169,7 +169,7 @@ def plot_ppl(payload: dict[str, Any], path: Path) -> Path:
 
 def plot_passkey(payload: dict[str, Any], path: Path) -> Path:
     """One length x depth accuracy heatmap per model (cells annotated)."""
-    plt = _pyplot()
+    plt = pyplot()
     names = _models(payload)
     depths = sorted({r["depth"] for r in payload["results"]})
     lengths = sorted({r["length"] for r in payload["results"]})

@@ -12,19 +12,19 @@ import gc
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
-from longlora_plugin.evaluation import passkey as pk
-from longlora_plugin.evaluation import perplexity as pp
-from longlora_plugin.evaluation import report
+from longlora_plugin.evaluation import passkey, perplexity, report
 from longlora_plugin.evaluation.loss import DEFAULT_CHUNK_TOKENS
 from longlora_plugin.evaluation.models import EvalModel, ModelSpec, load_eval_model
 
+if TYPE_CHECKING:
+    from longlora_plugin.config import LongLoRAEvalConfig
+
 LOG = logging.getLogger("longlora_plugin")
-DEFAULT_DEPTHS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def load_models(specs: Sequence[ModelSpec], **load_kwargs: Any) -> Iterator[EvalModel]:
@@ -44,8 +44,8 @@ def run_ppl(
     docs: Sequence[str],
     *,
     lengths: Sequence[int],
-    conventions: Sequence[str] = tuple(pp.CONVENTIONS),
-    stride: int = pp.DEFAULT_STRIDE,
+    conventions: Sequence[str] = tuple(perplexity.CONVENTIONS),
+    stride: int = perplexity.DEFAULT_STRIDE,
     max_windows: int | None = None,
     batch_size: int = 1,
     chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
@@ -55,22 +55,24 @@ def run_ppl(
     """Perplexity of every model at every length in every convention; returns the
     payload described in :mod:`longlora_plugin.evaluation.report`."""
     for convention in conventions:
-        if convention not in pp.CONVENTIONS:
-            raise ValueError(f"convention={convention!r}; allowed: {', '.join(pp.CONVENTIONS)}")
+        if convention not in perplexity.CONVENTIONS:
+            raise ValueError(
+                f"convention={convention!r}; allowed: {', '.join(perplexity.CONVENTIONS)}"
+            )
     infos: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
     for item in models:
         infos.append(item.info())
         tok = item.tokenizer
         stream = documents = None  # tokenized once per model, shared by all lengths
-        if pp.WINDOW_MEAN in conventions:
-            stream = torch.tensor(pp.token_stream(tok, docs), dtype=torch.long)
-        if pp.SLIDING_WINDOW in conventions:
+        if perplexity.WINDOW_MEAN in conventions:
+            stream = torch.tensor(perplexity.token_stream(tok, docs), dtype=torch.long)
+        if perplexity.SLIDING_WINDOW in conventions:
             documents = [
-                torch.tensor(d, dtype=torch.long) for d in pp.tokenize_documents(tok, docs)
+                torch.tensor(d, dtype=torch.long) for d in perplexity.tokenize_documents(tok, docs)
             ]
         plans = [
-            pp.build_windows(
+            perplexity.build_windows(
                 tok,
                 docs,
                 convention=convention,
@@ -91,7 +93,7 @@ def run_ppl(
         )
         for plan in plans:
             bar.set_postfix_str(f"{plan.convention} L={plan.length}")
-            result = pp.evaluate(
+            result = perplexity.evaluate(
                 item.model,
                 plan,
                 batch_size=batch_size,
@@ -104,7 +106,7 @@ def run_ppl(
         _release()
     return {
         "evaluation": "perplexity",
-        "conventions": {c: pp.CONVENTIONS[c] for c in conventions},
+        "conventions": {c: perplexity.CONVENTIONS[c] for c in conventions},
         "settings": {
             "data": data,
             "documents": len(docs),
@@ -124,8 +126,8 @@ def run_passkey(
     models: Iterable[EvalModel],
     *,
     lengths: Sequence[int],
-    depths: Sequence[float] = DEFAULT_DEPTHS,
-    trials: int = 10,
+    depths: Sequence[float] = passkey.DEFAULT_DEPTHS,
+    trials: int = passkey.DEFAULT_TRIALS,
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -138,7 +140,7 @@ def run_passkey(
     skipped: dict[str, list[int]] = {}
     for item in models:
         infos.append(item.info())
-        shortest = pk.min_length(item.tokenizer)
+        shortest = passkey.min_length(item.tokenizer)
         usable = [n for n in sorted(lengths) if n >= shortest]
         for n in sorted(set(lengths) - set(usable)):
             skipped.setdefault(item.name, []).append(n)
@@ -157,11 +159,11 @@ def run_passkey(
             for depth in depths:
                 correct = 0
                 for trial in range(trials):
-                    key = pk.trial_passkey(seed, length, depth, trial)
-                    prompt = pk.build_prompt(item.tokenizer, length, depth, key)
-                    answer, ok = pk.retrieve(item.model, item.tokenizer, prompt)
+                    key = passkey.trial_passkey(seed, length, depth, trial)
+                    prompt = passkey.build_prompt(item.tokenizer, length, depth, key)
+                    answer, ok = passkey.retrieve(item.model, item.tokenizer, prompt)
                     correct += ok
-                    record = pk.Retrieval(
+                    record = passkey.Retrieval(
                         length, depth, trial, key, answer, ok, prompt.n_tokens, prompt.actual_depth
                     )
                     records.append({"model": item.name, **record.to_dict()})
@@ -221,29 +223,18 @@ def evaluate_trained(
     model: Any,
     tokenizer: Any,
     out_dir: str | Path,
+    spec: LongLoRAEvalConfig,
     *,
     name: str = "trained",
-    ppl_lengths: Sequence[int] = (),
-    data: str | None = None,
-    text_field: str = "text",
-    split: str | None = None,
-    max_docs: int | None = None,
-    conventions: Sequence[str] = tuple(pp.CONVENTIONS),
-    stride: int = pp.DEFAULT_STRIDE,
-    max_windows: int | None = None,
-    batch_size: int = 1,
-    passkey_lengths: Sequence[int] = (),
-    passkey_depths: Sequence[float] = DEFAULT_DEPTHS,
-    passkey_trials: int = 10,
-    seed: int = 0,
     original_length: int | None = None,
     trained_length: int | None = None,
     echo: Callable[[str], None] | None = print,
 ) -> dict[str, dict[str, Path]]:
-    """Evaluate an in-memory model (the end-of-training step): full attention, ``eval()``
-    mode during the evaluation (the previous mode is restored). Writes ``ppl.*`` when
-    ``ppl_lengths`` is set and ``passkey.*`` when ``passkey_lengths`` is set into
-    ``out_dir``; returns the written paths by kind."""
+    """Evaluate an in-memory model as ``spec`` (a ``longlora.eval`` block) says: the
+    end-of-training step. Full attention, ``eval()`` mode during the evaluation (the
+    previous mode is restored). Writes ``ppl.*`` when ``spec.ppl_lengths`` is set and
+    ``passkey.*`` when ``spec.passkey_lengths`` is set into ``out_dir``; returns the
+    written paths by kind."""
     from longlora_plugin.evaluation.models import from_loaded
     from longlora_plugin.evaluation.texts import load_texts
 
@@ -258,26 +249,28 @@ def evaluate_trained(
     )
     written: dict[str, dict[str, Path]] = {}
     try:
-        if ppl_lengths:
-            docs = load_texts(str(data), text_field=text_field, split=split, max_docs=max_docs)
+        if spec.ppl_lengths:
+            docs = load_texts(
+                str(spec.data), text_field=spec.text_field, split=spec.split, max_docs=spec.max_docs
+            )
             payload = run_ppl(
                 [item],
                 docs,
-                lengths=ppl_lengths,
-                conventions=conventions,
-                stride=stride,
-                max_windows=max_windows,
-                batch_size=batch_size,
-                data=str(data),
+                lengths=spec.ppl_lengths,
+                conventions=spec.conventions,
+                stride=spec.stride,
+                max_windows=spec.max_windows,
+                batch_size=spec.batch_size,
+                data=str(spec.data),
             )
             written["ppl"] = save(payload, out_dir, echo=echo)
-        if passkey_lengths:
+        if spec.passkey_lengths:
             payload = run_passkey(
                 [item],
-                lengths=passkey_lengths,
-                depths=passkey_depths,
-                trials=passkey_trials,
-                seed=seed,
+                lengths=spec.passkey_lengths,
+                depths=spec.passkey_depths,
+                trials=spec.passkey_trials,
+                seed=spec.seed,
             )
             written["passkey"] = save(payload, out_dir, echo=echo)
     finally:

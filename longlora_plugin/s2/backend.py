@@ -38,6 +38,7 @@ from longlora_plugin.s2.kernels import select_kernel
 from longlora_plugin.s2.layout import KernelKind, Layout, build_layout
 
 NAME_PREFIX = "longlora_s2"
+DEFAULT_GROUP_SIZE_RATIO = 0.25  # the paper's G = L / 4
 # wrapped backend -> the alias in registered names (no "flash": see the module docstring)
 BACKEND_ALIASES: dict[str, str] = {"sdpa": "sdpa", "eager": "eager", "flash_attention_2": "fa2"}
 SUPPORTED_BACKENDS: tuple[str, ...] = tuple(BACKEND_ALIASES)
@@ -90,7 +91,10 @@ def validate_group(group_size: int | None, group_size_ratio: float | None) -> No
 
 
 def enable_s2_attn(
-    model: torch.nn.Module, *, group_size: int | None = None, group_size_ratio: float = 0.25
+    model: torch.nn.Module,
+    *,
+    group_size: int | None = None,
+    group_size_ratio: float = DEFAULT_GROUP_SIZE_RATIO,
 ) -> torch.nn.Module:
     """Switch ``model`` (a transformers model, possibly wrapped by PEFT, DDP, FSDP or
     DeepSpeed) to S2-Attn and return it.

@@ -1,0 +1,81 @@
+"""Combinations of the ``longlora`` block with the rest of the Axolotl config that are
+refused, each with a message naming the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+from longlora_plugin.axolotl.cfg import attention_implementation
+from longlora_plugin.config import LongLoRAConfig, LongLoRAConfigError
+from longlora_plugin.s2 import SUPPORTED_BACKENDS
+
+
+def check_combinations(cfg: Any, settings: LongLoRAConfig, sequence_len: int) -> None:
+    """Reject settings that conflict with the rest of the raw Axolotl config."""
+    if cfg.get("s2_attention"):
+        raise LongLoRAConfigError(
+            f"s2_attention={cfg.get('s2_attention')!r} is Axolotl's removed S2-Attn; "
+            "remove it: longlora.s2_attn provides S2-Attn"
+        )
+    explicit_group = settings.group_size is not None or settings.group_size_ratio is not None
+    if settings.s2_attn or explicit_group:
+        group = settings.group_size_for(sequence_len)
+        if settings.group_size is not None:
+            if group > sequence_len:
+                raise LongLoRAConfigError(
+                    f"longlora.group_size={group} is larger than sequence_len={sequence_len}; "
+                    "allowed: 2 <= group_size <= sequence_len"
+                )
+        elif group < 2:
+            ratio = settings.effective_group_size_ratio
+            raise LongLoRAConfigError(
+                f"longlora.group_size_ratio={ratio} gives group size int({ratio} * "
+                f"{sequence_len}) = {group} with sequence_len={sequence_len}; the group size "
+                "must be >= 2: raise the ratio or set longlora.group_size"
+            )
+    adapter = cfg.get("adapter")
+    if adapter and cfg.get("unfrozen_parameters"):
+        raise LongLoRAConfigError(
+            f"unfrozen_parameters={list(cfg.get('unfrozen_parameters'))!r} cannot be combined "
+            f"with adapter={adapter!r}: Axolotl applies it after wrapping and freezes the "
+            "LoRA weights; remove it and list embed/norm/lm_head in "
+            "longlora.trainable_params instead"
+        )
+    impl, key = attention_implementation(cfg)
+    if settings.s2_attn and impl is not None:
+        backends = SUPPORTED_BACKENDS
+        if impl not in backends:
+            raise LongLoRAConfigError(
+                f"{key}={cfg.get(key)!r}: longlora.s2_attn wraps only {', '.join(backends)}; "
+                "change attn_implementation or set longlora.s2_attn: false"
+            )
+
+
+def check_eval_data(settings: LongLoRAConfig) -> None:
+    """Fail before training when ``longlora.eval.data`` is a local path that does not
+    exist (a dataset name is only checked when the evaluation loads it)."""
+    data = settings.eval.data if settings.eval is not None else None
+    if not data:
+        return
+    path = Path(data)
+    looks_local = path.suffix in (".txt", ".md", ".json", ".jsonl") or data.startswith(
+        (".", "/", "~")
+    )
+    if looks_local and not path.expanduser().exists():
+        raise LongLoRAConfigError(
+            f"longlora.eval.data={data!r} does not exist; allowed: a .txt file, a directory "
+            "of .txt files, a .jsonl file or a dataset available locally"
+        )
+
+
+def require_flash_attn(impl: str | None, key: str, value: Any) -> None:
+    """Raise when the training backend is ``flash_attention_2`` and flash-attn is missing;
+    ``key``/``value``: the config entry that asked for it, as the user wrote it."""
+    if impl == "flash_attention_2" and find_spec("flash_attn") is None:
+        raise LongLoRAConfigError(
+            f"{key}={value!r} needs the flash-attn package, which is not installed; "
+            "install it (pip install 'longlora-plugin[flash-attn]', CUDA only) or use "
+            "attn_implementation: sdpa"
+        )

@@ -1,0 +1,1 @@
+"""Tests of the Axolotl adapter (real axolotl runs)."""
