@@ -20,6 +20,9 @@ export AXOLOTL_DO_NOT_TRACK := 1
 export DO_NOT_TRACK := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore::DeprecationWarning
+# DeepSpeed (the dev extra: the sharding tests) builds from source; its CUDA ops are
+# compiled on first use, never at install (a CPU machine has no CUDA toolkit).
+export DS_BUILD_OPS := 0
 
 # printed before each leg's tests
 LEG_INFO := 'import importlib.metadata as m, platform; print("=== test leg: Axolotl", m.version("axolotl") + ", Python", platform.python_version() + ", torch", m.version("torch"))'

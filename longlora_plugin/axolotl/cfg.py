@@ -66,3 +66,34 @@ def run_rope(cfg: Any, settings: LongLoRAConfig, base_config: Any = None) -> Rop
         sequence_len=sequence_len(cfg),
         original_max_position_embeddings=settings.rope.original_max_position_embeddings,
     )
+
+
+def zero_stage(cfg: Any) -> int | None:
+    """The DeepSpeed ZeRO stage of the run (None without DeepSpeed, or when its JSON cannot
+    be read from here: Axolotl reports that itself)."""
+    if not cfg.get("deepspeed"):
+        return None
+    from longlora_plugin.memory import Parallelism
+
+    try:
+        return Parallelism.from_axolotl(cfg, 1).zero_stage
+    except (OSError, ValueError):
+        return None
+
+
+def fsdp_version(cfg: Any) -> int | None:
+    """The FSDP version of the run (None without FSDP): ``fsdp_version`` at the top level
+    or in ``fsdp_config``, else the installed Axolotl's default (2 from 0.21, which
+    removed FSDP1; 1 before)."""
+    fsdp_config = cfg.get("fsdp_config") or {}
+    if not fsdp_config and not cfg.get("fsdp"):
+        return None
+    version = (
+        cfg.get("fsdp_version") or fsdp_config.get("fsdp_version") or fsdp_config.get("version")
+    )
+    if version is not None:
+        return int(version)
+    from importlib.metadata import version as installed
+
+    major, minor = (int(part) for part in installed("axolotl").split(".")[:2])
+    return 2 if (major, minor) >= (0, 21) else 1

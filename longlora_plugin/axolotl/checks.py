@@ -3,13 +3,18 @@ refused, each with a message naming the key, the value and what is allowed."""
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from longlora_plugin.axolotl.cfg import attention_implementation
+from longlora_plugin.axolotl.cfg import attention_implementation, fsdp_version, zero_stage
 from longlora_plugin.config import LongLoRAConfig, LongLoRAConfigError
 from longlora_plugin.s2 import SUPPORTED_BACKENDS
+
+# The first DeepSpeed release whose ZeRO-3 hooks serve PEFT's ModulesToSaveWrapper
+# (DeepSpeed issue #7615, fixed by PR #8144).
+ZERO3_MODULES_TO_SAVE_DEEPSPEED = "0.19.3"
 
 
 def check_combinations(cfg: Any, settings: LongLoRAConfig, sequence_len: int) -> None:
@@ -43,6 +48,19 @@ def check_combinations(cfg: Any, settings: LongLoRAConfig, sequence_len: int) ->
             "LoRA weights; remove it and list embed/norm/lm_head in "
             "longlora.trainable_params instead"
         )
+    if adapter and settings.trainable_params and fsdp_version(cfg) == 2:
+        raise LongLoRAConfigError(
+            f"fsdp_config (FSDP2) with adapter={adapter!r} and longlora.trainable_params="
+            f"{settings.trainable_params}: Axolotl's final FSDP2 LoRA save "
+            "(axolotl/integrations/expert_parallel/shard.py, save_fsdp2_lora_adapter) gathers "
+            "only lora_* parameters and then fails on the embeddings and norms PEFT trains "
+            "in full (KeyError ...modules_to_save.default.weight), after the whole run; use "
+            "DeepSpeed ZeRO-2 or ZeRO-3 (deepspeed: example_configs/deepspeed/zero3.json), or "
+            "longlora.trainable_params: [] (plain LoRA, which extends context poorly: "
+            "docs/configs.md)"
+        )
+    if adapter and settings.trainable_params and zero_stage(cfg) == 3:
+        _check_deepspeed_serves_modules_to_save(cfg, settings)
     impl, key = attention_implementation(cfg)
     if settings.s2_attn and impl is not None:
         backends = SUPPORTED_BACKENDS
@@ -78,4 +96,24 @@ def require_flash_attn(impl: str | None, key: str, value: Any) -> None:
             f"{key}={value!r} needs the flash-attn package, which is not installed; "
             "install it (pip install 'longlora-plugin[flash-attn]', CUDA only) or use "
             "attn_implementation: sdpa"
+        )
+
+
+def _check_deepspeed_serves_modules_to_save(cfg: Any, settings: LongLoRAConfig) -> None:
+    """ZeRO-3 with embeddings/norms trained in full needs DeepSpeed >= 0.19.3: before it,
+    the first forward fails on PEFT's wrappers of those modules."""
+    from packaging.version import Version
+
+    try:
+        installed = version("deepspeed")
+    except PackageNotFoundError:
+        return  # Axolotl says that DeepSpeed is missing
+    if Version(installed) < Version(ZERO3_MODULES_TO_SAVE_DEEPSPEED):
+        raise LongLoRAConfigError(
+            f"deepspeed={cfg.get('deepspeed')!r} (ZeRO-3) with longlora.trainable_params="
+            f"{settings.trainable_params} needs deepspeed>={ZERO3_MODULES_TO_SAVE_DEEPSPEED}; "
+            f"installed: {installed}, whose ZeRO-3 hooks fail in the first forward on the PEFT "
+            'wrappers of the modules trained in full ("object has no attribute '
+            "'ds_grads_remaining'\", DeepSpeed issue #7615); upgrade it (pip install "
+            f"'deepspeed>={ZERO3_MODULES_TO_SAVE_DEEPSPEED}') or use ZeRO-2"
         )

@@ -11,6 +11,7 @@ Hook use (the same hooks in Axolotl 0.19 and 0.21):
 * ``pre_model_load(cfg)`` - refuses ``flash_attention_2`` training without flash-attn.
 * ``post_model_build(cfg, model)`` - switches the plain HF model to S2-Attn and logs the
   two INFO lines ``longlora: S2-Attn on ...`` and ``longlora: RoPE ...``.
+* ``pre_lora_load`` - seeds the LoRA initialisation with ``seed`` (0.19 does not).
 * ``post_model_load`` - dynamic NTK only: undoes Axolotl's raise of
   ``max_position_embeddings`` (dynamic NTK reads it as the pre-training length).
 * ``post_train`` (called twice by Axolotl) - switches back to the wrapped attention
@@ -174,6 +175,21 @@ class LongLoRAPlugin(BasePlugin):
             info("longlora: S2-Attn off (longlora.s2_attn: false)")
         check_model_rope(model, rope)
         info(rope.log_line())
+
+    @_primary_only
+    def pre_lora_load(self, cfg: Any, model: Any) -> None:
+        """Seed the LoRA initialisation with the config's ``seed``.
+
+        Axolotl 0.19 seeds only when the Trainer is built, after the adapter exists, so
+        ``lora_A`` came from an unseeded generator: runs were not reproducible, and a
+        resumed run could not be compared with an uninterrupted one. (0.21 seeds here
+        itself.) Without ``seed`` nothing is seeded.
+        """
+        if cfg.get("longlora") is None or cfg.get("seed") is None:
+            return
+        from transformers import set_seed
+
+        set_seed(int(cfg.get("seed")))
 
     @_primary_only
     def post_model_load(self, cfg: Any, model: Any) -> None:

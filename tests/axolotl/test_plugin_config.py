@@ -361,6 +361,66 @@ def test_tied_embeddings_use_weight_tying(cfg_for, tiny_model_factory):
     assert cfg.peft_ensure_weight_tying is True
 
 
+def test_zero3_with_modules_to_save_needs_a_deepspeed_that_serves_them(cfg_for, monkeypatch):
+    """DeepSpeed before 0.19.3 crashes in the first ZeRO-3 forward on PEFT's wrappers of
+    the modules trained in full; the installed version is read from the package metadata."""
+    from longlora_plugin.axolotl import checks
+    from tests.support.ranks import ZERO
+
+    monkeypatch.setattr(checks, "version", lambda name: "0.18.9")
+    message = assert_error(
+        cfg_for(deepspeed=ZERO[3]),
+        f"deepspeed={ZERO[3]!r} (ZeRO-3)",
+        "longlora.trainable_params=['embed', 'norm'] needs deepspeed>=0.19.3",
+        "installed: 0.18.9",
+        "ds_grads_remaining",
+        "or use ZeRO-2",
+    )
+    assert "#7615" in message
+    # ZeRO-2, and ZeRO-3 for plain LoRA, do not go through those hooks: allowed; so is
+    # ZeRO-3 with the DeepSpeed the dev extra installs (tests/axolotl/test_sharding.py)
+    from axolotl.utils.dict import DictDefault
+
+    from longlora_plugin.axolotl.plugin import LongLoRAPlugin
+
+    # register only: loading a valid DeepSpeed config starts torch.distributed in-process
+    LongLoRAPlugin().register(DictDefault(cfg_for(deepspeed=ZERO[2])))
+    LongLoRAPlugin().register(
+        DictDefault(cfg_for(deepspeed=ZERO[3], longlora={"trainable_params": []}))
+    )
+
+
+@pytest.mark.parametrize(
+    "fsdp",
+    [
+        {"fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}},
+        {"fsdp_config": {"fsdp_version": 2, "reshard_after_forward": True}},
+    ],
+)
+def test_fsdp2_lora_with_trainable_modules_is_refused(cfg_for, fsdp):
+    message = assert_error(
+        cfg_for(**fsdp), "fsdp_config (FSDP2)", "save_fsdp2_lora_adapter", "DeepSpeed"
+    )
+    assert "longlora.trainable_params=['embed', 'norm']" in message
+    plain_lora = cfg_for(**fsdp, longlora={"trainable_params": []})
+    assert load(plain_lora).longlora is not None  # nothing to lose at save: allowed
+
+
+def test_axolotl_fsdp2_adapter_save_still_loses_modules_to_save(tmp_path, tiny_model_factory):
+    """Why the refusal above exists, on the installed Axolotl: its final FSDP2 LoRA save
+    collects only ``lora_*`` tensors, and PEFT then fails on every ``modules_to_save``
+    entry. (One process: the function gathers nothing without a process group.) If this
+    starts to pass, Axolotl saves embeddings and norms under FSDP2: lift the refusal."""
+    from axolotl.integrations.expert_parallel.shard import save_fsdp2_lora_adapter
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_factory("llama"))
+    lora = LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens", "norm"])
+    with pytest.raises(KeyError, match="modules_to_save.default.weight"):
+        save_fsdp2_lora_adapter(get_peft_model(model, lora), str(tmp_path))
+
+
 def test_qwen3_norms_include_qk_norm(cfg_for, tiny_model_factory):
     cfg = load(
         cfg_for(model_dir=tiny_model_factory("qwen3"), longlora={"trainable_params": ["norm"]})

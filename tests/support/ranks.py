@@ -1,0 +1,143 @@
+"""Multi-process ``axolotl train`` on CPU for the tests: two ranks under
+``torch.distributed.run`` (gloo), what ``axolotl train cfg.yml --launcher torchrun --
+--nproc_per_node 2`` runs, with the CPU shims of ``cpu_ranks_plugin`` and the per-rank
+records of ``rank_probe_plugin``."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from longlora_plugin.offline import OFFLINE_ENV
+from tests.support.tiny_models import CPU_AXOLOTL
+
+REPO = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 900
+PLUGINS = [
+    "longlora_plugin.LongLoRAPlugin",
+    "tests.support.cpu_ranks_plugin.CpuRanksPlugin",
+    "tests.support.rank_probe_plugin.RankProbePlugin",
+]
+ZERO = {
+    stage: str(REPO / "example_configs" / "deepspeed" / f"zero{stage}.json") for stage in (2, 3)
+}
+
+
+def lora_config(base: Path, dataset: Path, work: Path, **extra: Any) -> dict[str, Any]:
+    """A tiny LoRA + LongLoRA config (S2 G=64, RoPE linear x4, embed/norm in full)."""
+    return {
+        "base_model": str(base),
+        "plugins": PLUGINS,
+        "longlora": {},
+        "datasets": [{"path": str(dataset), "ds_type": "json", "type": "completion"}],
+        "dataset_prepared_path": str(work / "prepared"),
+        "output_dir": str(work / "out"),
+        "sequence_len": 256,
+        "sample_packing": True,
+        "adapter": "lora",
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        **CPU_AXOLOTL,
+        "micro_batch_size": 1,
+        "gradient_accumulation_steps": 1,
+        "max_steps": 3,
+        "learning_rate": 1e-3,
+        "optimizer": "adamw_torch",
+        "lr_scheduler": "constant",
+        "weight_decay": 0.0,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "seed": 42,
+        **extra,
+    }
+
+
+def environment(**extra: str) -> dict[str, str]:
+    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.update({"TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"})
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_config(path: Path, cfg: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def run_module(
+    module: str, *args: str, log: Path, ranks: int = 1, env: dict | None = None, check=True
+) -> subprocess.CompletedProcess:
+    """Run ``python -m <module> *args`` in ``log``'s folder (under torchrun when ``ranks >
+    1``); returns the CompletedProcess, its output also written to ``log``."""
+    cmd = [sys.executable, "-m"]
+    if ranks > 1:
+        cmd += ["torch.distributed.run", "--nproc_per_node", str(ranks)]
+        cmd += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m"]
+    cmd += [module, *args]
+    proc = subprocess.run(
+        cmd,
+        cwd=log.parent,
+        env=env or environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    log.write_text(proc.stdout)
+    if check:
+        assert proc.returncode == 0, (
+            f"{module} failed (rc={proc.returncode}):\n{proc.stdout[-8000:]}"
+        )
+    return proc
+
+
+def axolotl(
+    module: str, cfg_path: Path, *args: str, ranks: int = 1, env: dict | None = None, check=True
+) -> subprocess.CompletedProcess:
+    """Run ``python -m axolotl.cli.<module> cfg *args`` (see :func:`run_module`); the log
+    goes to ``<cfg>.<module>.log``."""
+    log = cfg_path.with_suffix(f".{module}.log")
+    return run_module(
+        f"axolotl.cli.{module}", str(cfg_path), *args, log=log, ranks=ranks, env=env, check=check
+    )
+
+
+def fsdp2_train(base: Path, dataset: Path, out: Path, *args: str, check=True):
+    """Two ranks of ``tests/support/fsdp2_train.py`` (FSDP2 with the plugin's functions)."""
+    out.mkdir(parents=True, exist_ok=True)
+    return run_module(
+        "tests.support.fsdp2_train",
+        str(base),
+        str(dataset),
+        str(out),
+        *args,
+        log=out.parent / f"{out.name}.train.log",
+        ranks=2,
+        check=check,
+    )
+
+
+def train_two_ranks(cfg_path: Path, **env: str) -> str:
+    """Train on two ranks (rank 0 prepares the dataset, the other waits); returns the log."""
+    return axolotl("train", cfg_path, ranks=2, env=environment(**env)).stdout
+
+
+def probe_records(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((out / "rank_probe").glob("rank*.json"))]
