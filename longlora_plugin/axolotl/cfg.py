@@ -83,8 +83,9 @@ def zero_stage(cfg: Any) -> int | None:
 
 def fsdp_version(cfg: Any) -> int | None:
     """The FSDP version of the run (None without FSDP): ``fsdp_version`` at the top level
-    or in ``fsdp_config``, else the installed Axolotl's default (2 from 0.21, which
-    removed FSDP1; 1 before)."""
+    or in ``fsdp_config``; else 1 for the top-level ``fsdp`` list (FSDP1's form), and for
+    ``fsdp_config`` alone the installed Axolotl's default (2 from 0.21, which removed
+    FSDP1; 1 before)."""
     fsdp_config = cfg.get("fsdp_config") or {}
     if not fsdp_config and not cfg.get("fsdp"):
         return None
@@ -93,6 +94,8 @@ def fsdp_version(cfg: Any) -> int | None:
     )
     if version is not None:
         return int(version)
+    if cfg.get("fsdp"):  # the top-level FSDP1 list (0.21 rejects it with its own message)
+        return 1
     from importlib.metadata import version as installed
 
     major, minor = (int(part) for part in installed("axolotl").split(".")[:2])
