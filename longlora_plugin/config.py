@@ -187,13 +187,25 @@ class LongLoRAEvalConfig(BaseModel):
     seed: Annotated[int, Allowed("an integer")] = Field(
         default=0, description="Seed of the passkeys."
     )
+    every_n_steps: OptionalPositiveInt = Field(
+        default=None,
+        description=(
+            "Also evaluate during training, every N optimizer steps (main process, full "
+            "attention, then back to S2-Attn): perplexity (with data) and RULER's "
+            "niah_single_1 at the original and the trained context, into "
+            "progress.json/png. Null: only at the end."
+        ),
+    )
+    progress_samples: PositiveInt = Field(
+        default=4, description="Needle samples per length in each evaluation during training."
+    )
 
     @model_validator(mode="after")
     def _check_work(self) -> LongLoRAEvalConfig:
-        if not self.ppl_lengths and not self.passkey_lengths:
+        if not self.ppl_lengths and not self.passkey_lengths and not self.every_n_steps:
             raise ValueError(
-                "longlora.eval has neither ppl_lengths nor passkey_lengths; set at least one "
-                "(or remove the block)"
+                "longlora.eval has neither ppl_lengths, passkey_lengths nor every_n_steps; "
+                "set at least one (or remove the block)"
             )
         if self.ppl_lengths and not self.data:
             raise ValueError(

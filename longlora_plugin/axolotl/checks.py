@@ -61,6 +61,15 @@ def check_combinations(cfg: Any, settings: LongLoRAConfig, sequence_len: int) ->
         )
     if adapter and settings.trainable_params and zero_stage(cfg) == 3:
         _check_deepspeed_serves_modules_to_save(cfg, settings)
+    every = settings.eval.every_n_steps if settings.eval is not None else None
+    if every and (zero_stage(cfg) == 3 or fsdp_version(cfg)):
+        raise LongLoRAConfigError(
+            f"longlora.eval.every_n_steps={every} with a sharded model ("
+            + ("DeepSpeed ZeRO-3" if zero_stage(cfg) == 3 else "FSDP")
+            + "): the evaluation during training runs on the main process alone, which "
+            "does not hold the whole model; remove every_n_steps (the evaluation at the "
+            "end, or `longlora eval`, still works) or use DDP/ZeRO-2"
+        )
     impl, key = attention_implementation(cfg)
     if settings.s2_attn and impl is not None:
         backends = SUPPORTED_BACKENDS

@@ -223,8 +223,44 @@ class LongLoRAPlugin(BasePlugin):
             info("longlora: training done, S2-Attn off (full attention from here on)")
             self._s2_on = False
         settings, _ = self._prepared(cfg)
-        if settings.eval is not None and self._post_train_calls == 2:
+        wanted = settings.eval is not None and (
+            settings.eval.ppl_lengths or settings.eval.passkey_lengths
+        )
+        if wanted and self._post_train_calls == 2:
             self._run_eval(cfg, model)
+
+    @_primary_only
+    def add_callbacks_post_trainer(self, cfg: Any, trainer: Any) -> list:
+        """``longlora.eval.every_n_steps``: the evaluation during training
+        (:class:`~longlora_plugin.evaluation.progress.ProgressEval`) at the original and
+        the trained context, into ``<output_dir>/longlora_eval/``."""
+        if cfg.get("longlora") is None:
+            return []
+        settings, rope = self._prepared(cfg)
+        if settings.eval is None or not settings.eval.every_n_steps:
+            return []
+        from longlora_plugin.evaluation.progress import ProgressEval
+        from longlora_plugin.evaluation.texts import load_texts
+
+        spec = settings.eval
+        docs = (
+            load_texts(
+                spec.data, text_field=spec.text_field, split=spec.split, max_docs=spec.max_docs
+            )
+            if spec.data
+            else []
+        )
+        lengths = [n for n in (rope.original, sequence_len(cfg)) if n]
+        out_dir = Path(cfg.get("output_dir") or "./model-out") / EVAL_DIR
+        info(
+            "longlora: evaluating every %d steps at %s tokens into %s",
+            spec.every_n_steps,
+            ", ".join(map(str, lengths)),
+            out_dir,
+        )
+        return [
+            ProgressEval(spec.every_n_steps, out_dir, lengths, docs, samples=spec.progress_samples)
+        ]
 
     def _run_eval(self, cfg: Any, model: Any) -> None:
         """``longlora.eval`` on the trained in-memory model, into output_dir/longlora_eval."""

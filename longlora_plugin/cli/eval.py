@@ -1,10 +1,10 @@
-"""``longlora eval ppl`` and ``longlora eval passkey``.
+"""``longlora eval ppl``, ``longlora eval passkey`` and ``longlora eval ruler``.
 
 Models: ``--model NAME=PATH`` (repeatable; PATH a model directory, a merged model or an
 Axolotl adapter output directory) and ``--rope [NAME=]TYPE:FACTOR`` to load a model
 with a RoPE scaling it was not trained with ("interpolation only"; without ``NAME`` it
-applies to every model). Each run writes ``ppl.{json,md,png}`` or
-``passkey.{json,md,png}`` into ``--out`` and prints the markdown table.
+applies to every model). Each run writes ``ppl``, ``passkey`` or ``ruler`` ``.{json,md,png}``
+into ``--out`` and prints the markdown table.
 """
 
 from __future__ import annotations
@@ -19,6 +19,12 @@ from longlora_plugin.evaluation.loss import DEFAULT_CHUNK_TOKENS
 from longlora_plugin.evaluation.models import ModelSpec, RopeOverride
 from longlora_plugin.evaluation.passkey import DEFAULT_DEPTHS, DEFAULT_TRIALS
 from longlora_plugin.evaluation.perplexity import DEFAULT_STRIDE, Convention
+from longlora_plugin.evaluation.ruler import TASKS
+from longlora_plugin.evaluation.ruler_eval import (
+    DEFAULT_RELATIVE,
+    DEFAULT_SAMPLES,
+    RULER_THRESHOLD,
+)
 
 
 def _number_list(text: str, cast: type, allowed, kind: str, rule: str) -> list:
@@ -40,6 +46,25 @@ def _ints(text: str) -> list[int]:
 
 def _floats(text: str) -> list[float]:
     return _number_list(text, float, lambda v: 0 <= v <= 1, "numbers", "depths must be in [0, 1]")
+
+
+def _tasks(text: str) -> list[str]:
+    if text == "all":
+        return list(TASKS)
+    names = [t for t in text.replace(" ", "").split(",") if t]
+    unknown = [t for t in names if t not in TASKS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: unknown task(s) {unknown}; allowed: all, {', '.join(TASKS)}"
+        )
+    return names
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in (0, 1]")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -150,6 +175,43 @@ def add_parser(subparsers: Any) -> None:
     passkey.add_argument("--seed", type=int, default=0)
     passkey.set_defaults(func=run)
 
+    ruler = sub.add_parser("ruler", help="RULER's synthetic tasks at several lengths")
+    _common(ruler)
+    ruler.add_argument(
+        "--tasks", type=_tasks, default=list(TASKS), help="comma-separated, or all (default)"
+    )
+    ruler.add_argument(
+        "--samples",
+        type=_positive,
+        default=DEFAULT_SAMPLES,
+        help=f"samples per task and length (default {DEFAULT_SAMPLES})",
+    )
+    ruler.add_argument(
+        "--data",
+        default=None,
+        help="text for the essay haystack (.txt, directory, .jsonl or dataset); without it "
+        "the essay tasks are skipped",
+    )
+    ruler.add_argument("--text-field", default="text", help="JSONL/dataset text field")
+    ruler.add_argument(
+        "--threshold",
+        type=float,
+        default=RULER_THRESHOLD,
+        help=f"effective-length threshold (default {RULER_THRESHOLD}, RULER's)",
+    )
+    ruler.add_argument(
+        "--relative",
+        type=_fraction,
+        default=DEFAULT_RELATIVE,
+        help="relative rule: this fraction of the model's own score at its original "
+        f"context (default {DEFAULT_RELATIVE})",
+    )
+    ruler.add_argument(
+        "--chat-template", action="store_true", help="wrap prompts in the model's chat template"
+    )
+    ruler.add_argument("--seed", type=int, default=0)
+    ruler.set_defaults(func=run)
+
 
 def _load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {
@@ -166,8 +228,9 @@ def _usage_error(err: Exception) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``longlora eval ppl`` and ``longlora eval passkey``."""
-    return {"ppl": _run_ppl, "passkey": _run_passkey}[args.eval_command](args)
+    """Entry point of ``longlora eval ppl``, ``passkey`` and ``ruler``."""
+    commands = {"ppl": _run_ppl, "passkey": _run_passkey, "ruler": _run_ruler}
+    return commands[args.eval_command](args)
 
 
 def _run_ppl(args: argparse.Namespace) -> int:
@@ -214,6 +277,43 @@ def _run_passkey(args: argparse.Namespace) -> int:
         depths=args.depths,
         trials=args.trials,
         seed=args.seed,
+        progress=not args.no_progress,
+    )
+    paths = runner.save(payload, args.out)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _run_ruler(args: argparse.Namespace) -> int:
+    from longlora_plugin.evaluation import ruler, ruler_eval, runner
+    from longlora_plugin.evaluation.texts import load_texts
+
+    logging.basicConfig(level=logging.WARNING)
+    tasks = args.tasks
+    try:
+        specs = model_specs(args.model, args.rope)
+        docs = load_texts(args.data, text_field=args.text_field) if args.data else []
+    except ValueError as err:
+        return _usage_error(err)
+    essay = [s for doc in docs for s in ruler.sentences(doc)]
+    if not essay:
+        dropped = [t for t in tasks if ruler.TASKS[t].haystack == "essay"]
+        tasks = [t for t in tasks if t not in dropped]
+        if dropped:
+            print(f"longlora eval ruler: no --data: essay tasks skipped: {', '.join(dropped)}")
+        if not tasks:
+            return _usage_error(ValueError("--tasks: every task given needs --data"))
+    payload = ruler_eval.run(
+        runner.load_models(specs, **_load_kwargs(args)),
+        lengths=args.lengths,
+        tasks=tasks,
+        samples=args.samples,
+        seed=args.seed,
+        essay=essay,
+        data=str(args.data or ""),
+        chat_template=args.chat_template,
+        threshold=args.threshold,
+        relative=args.relative,
         progress=not args.no_progress,
     )
     paths = runner.save(payload, args.out)

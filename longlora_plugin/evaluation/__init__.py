@@ -1,4 +1,4 @@
-"""Long-context evaluation: perplexity by context length and passkey retrieval.
+"""Long-context evaluation: perplexity by context length, passkey retrieval, RULER tasks.
 
 Modules, one job each (none imports Axolotl):
 
@@ -11,6 +11,9 @@ Modules, one job each (none imports Axolotl):
 * :mod:`.perplexity` - the two perplexity conventions (``window-mean``,
   ``sliding-window``);
 * :mod:`.passkey` - passkey prompts in the paper's format and greedy retrieval;
+* :mod:`.ruler` - RULER's synthetic tasks at exact token lengths; :mod:`.ruler_eval` -
+  answering, scoring, effective length and the run over models, tasks and lengths;
+* :mod:`.progress` - the evaluation during training (a ``TrainerCallback``);
 * :mod:`.report` - JSON, markdown tables and PNG plots;
 * :mod:`.runner` - the evaluations over several models and lengths, as used by the
   ``longlora eval`` CLI and the plugin's end-of-training step.

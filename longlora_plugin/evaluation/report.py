@@ -7,13 +7,17 @@ The payloads are the dicts built by :mod:`longlora_plugin.evaluation.runner`:
   "length", "ppl", ...}]}``;
 * passkey: ``{"evaluation": "passkey", "settings": {...}, "models": [...],
   "results": [{"model", "length", "depth", "correct", "trials", "accuracy"}],
-  "trials": [per-trial records]}``.
+  "trials": [per-trial records]}``;
+* RULER: ``{"evaluation": "ruler", "settings": {...}, "models": [...], "results":
+  [{"model", "task", "length", "score", "samples", "prefill_tokens_per_s", "seconds"}],
+  "summary": {model: averages, effective lengths, regression line}, "samples": [...]}``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -167,45 +171,155 @@ def plot_ppl(payload: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def plot_passkey(payload: dict[str, Any], path: Path) -> Path:
-    """One length x depth accuracy heatmap per model (cells annotated)."""
+@dataclass(frozen=True)
+class Heatmap:
+    """The layout shared by the retrieval heatmaps: one panel per model."""
+
+    rows: list[str]
+    columns: list[str]
+    xlabel: str
+    ylabel: str
+    vmax: float
+    cell: str  # format of a cell's value
+    colorbar: str
+    origin: str = "upper"
+
+
+def _heatmaps(spec: Heatmap, panels: list[tuple[str, list[list[float]]]], path: Path) -> Path:
+    """Draw ``(title, grid)`` panels side by side (cells annotated) into ``path``."""
     plt = pyplot()
-    names = _models(payload)
-    depths = sorted({r["depth"] for r in payload["results"]})
-    lengths = sorted({r["length"] for r in payload["results"]})
+    rows, columns = spec.rows, spec.columns
     fig, axes = plt.subplots(
         1,
-        len(names),
-        figsize=(1.5 + (1.2 + 0.8 * len(depths)) * len(names), 1.8 + 0.45 * len(lengths)),
+        len(panels),
+        figsize=(2 + (1.3 + 0.8 * len(columns)) * len(panels), 1.6 + 0.4 * len(rows)),
         squeeze=False,
         constrained_layout=True,
     )
-    info = {m["name"]: m for m in payload["models"]}
     image = None
-    for ax, name in zip(axes[0], names, strict=True):
+    for ax, (title, grid) in zip(axes[0], panels, strict=True):
+        image = ax.imshow(
+            grid, vmin=0, vmax=spec.vmax, cmap="RdYlGn", aspect="auto", origin=spec.origin
+        )
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                if not math.isnan(value):
+                    text = format(value, spec.cell)
+                    ax.text(j, i, text, ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(columns)), columns)
+        first = ax is axes[0][0]
+        ax.set_yticks(range(len(rows)), rows if first else [""] * len(rows))
+        ax.set_xlabel(spec.xlabel)
+        if first:
+            ax.set_ylabel(spec.ylabel)
+        ax.set_title(title, fontsize=9)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes[0]), label=spec.colorbar)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_passkey(payload: dict[str, Any], path: Path) -> Path:
+    """One length x depth accuracy heatmap per model (cells annotated)."""
+    depths = sorted({r["depth"] for r in payload["results"]})
+    lengths = sorted({r["length"] for r in payload["results"]})
+    info = {m["name"]: m for m in payload["models"]}
+    panels = []
+    for name in _models(payload):
         grid = [[math.nan] * len(depths) for _ in lengths]
         for r in payload["results"]:
             if r["model"] == name:
                 grid[lengths.index(r["length"])][depths.index(r["depth"])] = r["accuracy"]
-        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
-        for i in range(len(lengths)):
-            for j in range(len(depths)):
-                if not math.isnan(grid[i][j]):
-                    ax.text(j, i, f"{grid[i][j]:.2f}", ha="center", va="center", fontsize=8)
-        ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
-        ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
-        ax.set_xlabel("depth of the key")
-        if ax is axes[0][0]:
-            ax.set_ylabel("prompt length (tokens)")
         lengths_note = ", ".join(
             f"{label} {info[name][key]}"
             for key, label in (("original_length", "original"), ("trained_length", "trained"))
             if info.get(name, {}).get(key)
         )
-        ax.set_title(f"{name}\n{lengths_note}" if lengths_note else name, fontsize=9)
-    if image is not None:
-        fig.colorbar(image, ax=list(axes[0]), label="accuracy")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        panels.append((f"{name}\n{lengths_note}" if lengths_note else name, grid))
+    spec = Heatmap(
+        rows=[str(n) for n in lengths],
+        columns=[f"{d:g}" for d in depths],
+        xlabel="depth of the key",
+        ylabel="prompt length (tokens)",
+        vmax=1,
+        cell=".2f",
+        colorbar="accuracy",
+        origin="lower",
+    )
+    return _heatmaps(spec, panels, path)
+
+
+def ruler_table(payload: dict[str, Any]) -> str:
+    """Markdown: rows = (model, task) plus each model's average, columns = lengths
+    (scores in percent); then each model's effective lengths and the regression line."""
+    results, summary = payload["results"], payload["summary"]
+    settings = payload["settings"]
+    lengths = sorted({r["length"] for r in results})
+    lines = [
+        f"RULER score (string_match_all, %, {settings['samples']} samples per cell, greedy)",
+        "",
+        "| model | task | " + " | ".join(str(n) for n in lengths) + " |",
+        "|---|---|" + "---:|" * len(lengths),
+    ]
+    for name in _models(payload):
+        for task in settings["tasks"]:
+            cells = {r["length"]: r for r in results if r["model"] == name and r["task"] == task}
+            if cells:
+                row = [_fmt(cells[n]["score"], 1) if n in cells else "-" for n in lengths]
+                lines.append(f"| {name} | {task} | " + " | ".join(row) + " |")
+        average = summary[name]["average"]
+        row = [_fmt(average.get(n), 1) if n in average else "-" for n in lengths]
+        lines.append(f"| **{name}** | **average** | " + " | ".join(row) + " |")
+    lines += ["", "Effective length (every length up to it averages >= the threshold):", ""]
+    for name in _models(payload):
+        s = summary[name]
+        line = f"- {name}: {s['effective_length'] or 'none'} at {settings['threshold']:g} (RULER)"
+        if s["relative_threshold"] is not None:
+            line += (
+                f"; {s['relative_effective_length'] or 'none'} at "
+                f"{s['relative_threshold']:.1f} = {settings['relative']:g} x its own "
+                f"{s['score_at_original']:.1f} at {s['original_length_tested']}"
+            )
+        else:
+            line += "; relative rule: no length within its original context tested"
+        lines.append(line)
+    lines += ["", "Regression line (average at the model's original context):", ""]
+    rows = [name for name in _models(payload) if summary[name]["score_at_original"] is not None]
+    for name in rows:
+        s = summary[name]
+        base = s["base_score_at_original"]
+        versus = f" (base model: {base:.1f})" if base is not None else ""
+        lines.append(
+            f"- {name}: {s['score_at_original']:.1f} at {s['original_length_tested']}{versus}"
+        )
+    if not rows:
+        lines.append("- no length within the models' original contexts tested")
+    return "\n".join(lines) + "\n"
+
+
+def plot_ruler(payload: dict[str, Any], path: Path) -> Path:
+    """One task x length heatmap of scores per model, the average as the last row."""
+    tasks = [*payload["settings"]["tasks"], "average"]
+    lengths = sorted({r["length"] for r in payload["results"]})
+    panels = []
+    for name in _models(payload):
+        grid = [[math.nan] * len(lengths) for _ in tasks]
+        for r in payload["results"]:
+            if r["model"] == name:
+                grid[tasks.index(r["task"])][lengths.index(r["length"])] = r["score"]
+        for length, score in payload["summary"][name]["average"].items():
+            grid[-1][lengths.index(int(length))] = score
+        effective = payload["summary"][name]["effective_length"]
+        panels.append((f"{name}\neffective length {effective or 'none'}", grid))
+    spec = Heatmap(
+        rows=tasks,
+        columns=[str(n) for n in lengths],
+        xlabel="length (tokens)",
+        ylabel="task",
+        vmax=100,
+        cell=".0f",
+        colorbar="score (%)",
+    )
+    return _heatmaps(spec, panels, path)

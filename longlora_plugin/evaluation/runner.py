@@ -33,7 +33,8 @@ def load_models(specs: Sequence[ModelSpec], **load_kwargs: Any) -> Iterator[Eval
         yield load_eval_model(spec, **load_kwargs)
 
 
-def _release() -> None:
+def release() -> None:
+    """Free the memory of a model that is no longer used."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -103,7 +104,7 @@ def run_ppl(
             results.append({"model": item.name, **result.to_dict()})
         bar.close()
         del item, plans
-        _release()
+        release()
     return {
         "evaluation": "perplexity",
         "conventions": {c: perplexity.CONVENTIONS[c] for c in conventions},
@@ -180,7 +181,7 @@ def run_passkey(
                 )
         bar.close()
         del item
-        _release()
+        release()
     return {
         "evaluation": "passkey",
         "settings": {
@@ -202,10 +203,13 @@ def save(
     payload: dict[str, Any], out_dir: str | Path, echo: Callable[[str], None] | None = print
 ) -> dict[str, Path]:
     """Write ``<kind>.json``, ``<kind>.md`` and ``<kind>.png`` into ``out_dir`` (kind
-    ``ppl`` or ``passkey``); pass the markdown table to ``echo`` (stdout by default)."""
+    ``ppl``, ``passkey`` or ``ruler``); pass the markdown table to ``echo`` (stdout by
+    default)."""
     out = Path(out_dir)
     if payload["evaluation"] == "perplexity":
         stem, table, plot = "ppl", report.ppl_table(payload), report.plot_ppl
+    elif payload["evaluation"] == "ruler":
+        stem, table, plot = "ruler", report.ruler_table(payload), report.plot_ruler
     else:
         stem, table, plot = "passkey", report.passkey_table(payload), report.plot_passkey
     paths = {

@@ -406,6 +406,25 @@ def test_fsdp2_lora_with_trainable_modules_is_refused(cfg_for, fsdp):
     assert load(plain_lora).longlora is not None  # nothing to lose at save: allowed
 
 
+def test_eval_during_training_needs_the_whole_model_on_the_main_process(cfg_for):
+    from tests.support.ranks import ZERO
+
+    block = {"eval": {"every_n_steps": 10}}
+    assert_error(
+        cfg_for(deepspeed=ZERO[3], longlora=block),
+        "longlora.eval.every_n_steps=10 with a sharded model (DeepSpeed ZeRO-3)",
+        "use DDP/ZeRO-2",
+    )
+    assert_error(
+        cfg_for(
+            fsdp_version=2,
+            fsdp_config={"reshard_after_forward": True},
+            longlora={**block, "trainable_params": []},
+        ),
+        "longlora.eval.every_n_steps=10 with a sharded model (FSDP)",
+    )
+
+
 def test_axolotl_fsdp2_adapter_save_still_loses_modules_to_save(tmp_path, tiny_model_factory):
     """Why the refusal above exists, on the installed Axolotl: its final FSDP2 LoRA save
     collects only ``lora_*`` tensors, and PEFT then fails on every ``modules_to_save``

@@ -23,6 +23,7 @@ Runs (tiny models: hidden 64, 2 layers, pre-training context 64; sequence_len 25
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -37,7 +38,12 @@ import torch
 import yaml
 
 from longlora_plugin.offline import OFFLINE_ENV
-from tests.support.tiny_models import CPU_AXOLOTL, build_tiny_model, write_text_dataset
+from tests.support.tiny_models import (
+    LORA_R4,
+    TRAIN_SHORT,
+    build_tiny_model,
+    write_text_dataset,
+)
 from tests.support.versions import AXOLOTL_021
 
 SEQUENCE_LEN = 256
@@ -51,25 +57,10 @@ MERGE_AS_FLASH = ("qwen2_tied_lora_s2",)
 COMMON: dict[str, Any] = {
     "plugins": ["longlora_plugin.LongLoRAPlugin"],
     "sequence_len": SEQUENCE_LEN,
-    **CPU_AXOLOTL,
+    **TRAIN_SHORT,
     "micro_batch_size": 2,
-    "gradient_accumulation_steps": 1,
-    "max_steps": 3,
-    "learning_rate": 1e-3,
-    "optimizer": "adamw_torch",
-    "lr_scheduler": "constant",
-    "weight_decay": 0.0,
-    "logging_steps": 1,
-    "save_strategy": "no",
-    "seed": 42,
 }
-LORA: dict[str, Any] = {
-    "adapter": "lora",
-    "lora_r": 4,
-    "lora_alpha": 8,
-    "lora_dropout": 0.0,
-    "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-}
+LORA = LORA_R4
 # A checkpoint at the last step keeps trainer_state.json, whose log_history has the
 # unrounded losses (the console shows 4 digits).
 CHECKPOINT: dict[str, Any] = {"save_strategy": "steps", "save_steps": COMMON["max_steps"]}
@@ -80,6 +71,7 @@ EVAL_BLOCK: dict[str, Any] = {
     "passkey_lengths": [256],
     "passkey_depths": [0.5],
     "passkey_trials": 2,
+    "every_n_steps": 1,  # and during training, at 64 and 256 tokens
 }
 RUNS: dict[str, dict[str, Any]] = {
     "llama_lora_packed_s2": {
@@ -94,6 +86,11 @@ RUNS: dict[str, dict[str, Any]] = {
             "plugins": ["longlora_plugin.plugin.LongLoRAPlugin"],
         },
         "eval": EVAL_BLOCK,
+    },
+    # llama_lora_packed_s2 without longlora.eval: the same training
+    "llama_lora_packed_s2_no_eval": {
+        "arch": "llama",
+        "cfg": {**LORA, **CHECKPOINT, "sample_packing": True, "longlora": {}},
     },
     "llama_lora_packed_full": {
         "arch": "llama",
@@ -492,3 +489,23 @@ def test_eval_cli_on_adapter_and_merged_dirs(merged, runs, base_models, workdir,
     answers = {m: [t["answer"] for t in trials if t["model"] == m] for m in ("adapter", "merged")}
     assert answers["adapter"] == answers["merged"] and len(answers["adapter"]) == 2
     assert "Passkey retrieval accuracy" in capsys.readouterr().out
+
+
+def test_eval_during_training_leaves_training_as_it_was(runs):
+    """every_n_steps: 1 evaluates after each of the 3 steps with full attention; the
+    losses equal those of the same run without it, so S2-Attn (whose losses differ from
+    full attention's: test_s2_attn_changes_training), the training mode and the random
+    states were all given back."""
+    run = runs["llama_lora_packed_s2"]
+    text = run.log()
+    assert "longlora: evaluating every 1 steps at 64, 256 tokens" in text
+    progress = json.loads((run.out_dir / "longlora_eval" / "progress.json").read_text())
+    assert [e["step"] for e in progress["evaluations"]] == [1, 2, 3]
+    for evaluation in progress["evaluations"]:
+        assert set(evaluation["ppl"]) == {"64", "256"}, evaluation
+        assert all(math.isfinite(v) for v in evaluation["ppl"].values()), evaluation
+        assert evaluation["seconds"] > 0
+    assert (run.out_dir / "longlora_eval" / "progress.png").read_bytes()[:4] == b"\x89PNG"
+    assert text.count("longlora: progress eval at step") == 3
+    quiet = _losses(runs["llama_lora_packed_s2_no_eval"])
+    assert _losses(run) == quiet

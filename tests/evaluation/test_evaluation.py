@@ -35,6 +35,7 @@ from longlora_plugin.evaluation.models import (
 )
 from longlora_plugin.evaluation.runner import run_passkey
 from longlora_plugin.evaluation.texts import TextSourceError, load_texts
+from tests.support.copy_task import copy_tokenizer, train_copier
 
 torch.set_num_threads(1)
 
@@ -163,40 +164,10 @@ def test_passkey_prompt_rejects_bad_input(llama):
 
 # ---------------------------------------------------------------------- passkey retrieval
 def _copy_task_tokenizer():
-    """BPE over the passkey texts that merges across spaces (byte-level without the
-    word-splitting regex), one token per digit: the task line is one token, a filler
-    sentence one or two, so prompts of 30-50 tokens already hold 10-30 filler tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<s>", "</s>", "<pad>", "<unk>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
+    """The passkey texts as few tokens: the task line is one token, a filler sentence one
+    or two, so prompts of 30-50 tokens already hold 10-30 filler tokens."""
     texts = [pk.TASK, pk.QUESTION, *pk.FILLER_SENTENCES, " ".join(pk.FILLER_SENTENCES)]
-    texts.append(pk.INFO.format(key="0123456789"))
-    trainer = trainers.BpeTrainer(
-        vocab_size=1000,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts * 20, trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
+    return copy_tokenizer([*texts, pk.INFO.format(key="0123456789")])
 
 
 class _CopyTaskData:
@@ -225,18 +196,6 @@ class _CopyTaskData:
         answer = self.tok(" " + key, add_special_tokens=False)["input_ids"]
         return ids + answer, [IGNORE_INDEX] * len(ids) + answer
 
-    def batch(self, rng: random.Random, size: int):
-        rows = [self.sample(rng) for _ in range(size)]
-        width = max(len(r) for r, _ in rows)
-        ids = torch.full((size, width), self.tok.pad_token_id)
-        labels = torch.full((size, width), IGNORE_INDEX)
-        mask = torch.zeros((size, width), dtype=torch.long)
-        for i, (row, label) in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-            labels[i, : len(label)] = torch.tensor(label)
-            mask[i, : len(row)] = 1
-        return ids, labels, mask
-
 
 COPY_STEPS = 400  # batch 32, one-cycle lr 5e-3: 1.0 accuracy, ~35 s on one busy core
 
@@ -245,43 +204,12 @@ COPY_STEPS = 400  # batch 32, one-cycle lr 5e-3: 1.0 accuracy, ~35 s on one busy
 def copier():
     """``(trained, untrained, shortest prompt)``: two tiny Llamas with the same init; the
     trained one learns the passkey task (copy the key) with plain-torch steps."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from longlora_plugin.evaluation.models import from_loaded
 
     tok = _copy_task_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    untrained = LlamaForCausalLM(config).eval()
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(untrained.state_dict())
-    model.train()
-    optim = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optim, max_lr=5e-3, total_steps=COPY_STEPS, pct_start=0.1
-    )
     shortest = pk.min_length(tok)
     data = _CopyTaskData(tok, [shortest + 10 * i for i in range(5)], [i / 10 for i in range(11)])
-    rng = random.Random(0)
-    for _ in range(COPY_STEPS):
-        ids, labels, mask = data.batch(rng, 32)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
-        schedule.step()
+    model, untrained = train_copier(tok, data.sample, steps=COPY_STEPS)
     return (
         from_loaded("copier", model, tok, original_length=256),
         from_loaded("random", untrained, tok, original_length=256),
@@ -387,8 +315,11 @@ def test_eval_config_block():
     assert cfg.conventions == ["window-mean", "sliding-window"]
     assert (cfg.stride, cfg.max_windows, cfg.passkey_trials) == (256, 32, 10)
     assert parse_longlora({}).eval is None
+    during = parse_longlora({"eval": {"every_n_steps": 50}}).eval  # no end-of-run eval
+    assert (during.every_n_steps, during.progress_samples) == (50, 4)
     cases = {
-        "neither ppl_lengths nor passkey_lengths": {},
+        "neither ppl_lengths, passkey_lengths nor every_n_steps": {},
+        "longlora.eval.every_n_steps=0": {"every_n_steps": 0},
         "no data": {"ppl_lengths": [64]},
         r"longlora.eval.passkey_depths=\[0.5, 2\]": {
             "passkey_lengths": [64],

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from longlora_plugin.offline import OFFLINE_ENV
-from tests.support.tiny_models import CPU_AXOLOTL
+from tests.support.tiny_models import LORA_R4, TRAIN_SHORT
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 900
@@ -41,22 +41,9 @@ def lora_config(base: Path, dataset: Path, work: Path, **extra: Any) -> dict[str
         "output_dir": str(work / "out"),
         "sequence_len": 256,
         "sample_packing": True,
-        "adapter": "lora",
-        "lora_r": 4,
-        "lora_alpha": 8,
-        "lora_dropout": 0.0,
-        "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-        **CPU_AXOLOTL,
+        **LORA_R4,
+        **TRAIN_SHORT,
         "micro_batch_size": 1,
-        "gradient_accumulation_steps": 1,
-        "max_steps": 3,
-        "learning_rate": 1e-3,
-        "optimizer": "adamw_torch",
-        "lr_scheduler": "constant",
-        "weight_decay": 0.0,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "seed": 42,
         **extra,
     }
 

@@ -33,6 +33,28 @@ CPU_AXOLOTL: dict[str, Any] = {
     "dataloader_pin_memory": False,
 }
 
+# A short, seeded training run of a tiny model (the tests' `axolotl train` configs).
+TRAIN_SHORT: dict[str, Any] = {
+    **CPU_AXOLOTL,
+    "gradient_accumulation_steps": 1,
+    "max_steps": 3,
+    "learning_rate": 1e-3,
+    "optimizer": "adamw_torch",
+    "lr_scheduler": "constant",
+    "weight_decay": 0.0,
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "seed": 42,
+}
+# LoRA r4 on the attention projections.
+LORA_R4: dict[str, Any] = {
+    "adapter": "lora",
+    "lora_r": 4,
+    "lora_alpha": 8,
+    "lora_dropout": 0.0,
+    "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+
 
 def build_tiny_model(
     out_dir: str | Path,
