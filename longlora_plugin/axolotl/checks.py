@@ -48,7 +48,8 @@ def check_combinations(cfg: Any, settings: LongLoRAConfig, sequence_len: int) ->
             "LoRA weights; remove it and list embed/norm/lm_head in "
             "longlora.trainable_params instead"
         )
-    if adapter and settings.trainable_params and fsdp_version(cfg) == 2:
+    stage, fsdp = zero_stage(cfg), fsdp_version(cfg)  # the DeepSpeed JSON is read once
+    if adapter and settings.trainable_params and fsdp == 2:
         raise LongLoRAConfigError(
             f"fsdp_config (FSDP2) with adapter={adapter!r} and longlora.trainable_params="
             f"{settings.trainable_params}: Axolotl's final FSDP2 LoRA save "
@@ -59,13 +60,13 @@ def check_combinations(cfg: Any, settings: LongLoRAConfig, sequence_len: int) ->
             "longlora.trainable_params: [] (plain LoRA, which extends context poorly: "
             "docs/configs.md)"
         )
-    if adapter and settings.trainable_params and zero_stage(cfg) == 3:
+    if adapter and settings.trainable_params and stage == 3:
         _check_deepspeed_serves_modules_to_save(cfg, settings)
     every = settings.eval.every_n_steps if settings.eval is not None else None
-    if every and (zero_stage(cfg) == 3 or fsdp_version(cfg)):
+    if every and (stage == 3 or fsdp):
         raise LongLoRAConfigError(
             f"longlora.eval.every_n_steps={every} with a sharded model ("
-            + ("DeepSpeed ZeRO-3" if zero_stage(cfg) == 3 else "FSDP")
+            + ("DeepSpeed ZeRO-3" if stage == 3 else "FSDP")
             + "): the evaluation during training runs on the main process alone, which "
             "does not hold the whole model; remove every_n_steps (the evaluation at the "
             "end, or `longlora eval`, still works) or use DDP/ZeRO-2"
