@@ -17,6 +17,8 @@ Memory per GPU (bytes)::
     gradients   = w * T                       / N with ZeRO-2/3 (+ 2 reduce buckets of h*h elements)
     optimizer   = 12 * T                      fp32 master copy + AdamW m and v; / N with ZeRO-1/2/3;
                                               0 on the GPU with optimizer offload
+    (with S2-Attn context parallelism over c GPUs, S below is the local S / c in every
+    activation term: checkpoints, layer, attention and logits)
     checkpoints = L * b * S * h * w           gradient checkpointing keeps each decoder layer's input
                                               (without it: every layer's activations, L * layer)
     layer       = b * S * (8h + w (5h + 3 Hkv d + 4I))
@@ -200,6 +202,12 @@ class TrainingShape:
     bytes_per_element: int = 2  # bf16
     full_finetune: bool = False
     loss_chunks: int | None = None  # Axolotl chunked_cross_entropy: number of chunks
+    context_parallel: int = 1  # GPUs that split each row (S2-Attn context parallelism)
+
+    @property
+    def local_len(self) -> int:
+        """Tokens of a row on one GPU: ``ceil(S / context_parallel)``."""
+        return -(-self.sequence_len // self.context_parallel)
 
 
 @dataclass
@@ -231,10 +239,10 @@ def attention_bytes(
 ) -> float:
     """Attention working set of one layer: O(S) for flash / memory-efficient kernels,
     materialised scores (S x S_eff per head) otherwise."""
-    b, s, w = shape.micro_batch_size, shape.sequence_len, shape.bytes_per_element
+    b, s, w = shape.micro_batch_size, shape.local_len, shape.bytes_per_element
     if flash:
         return b * s * dims.num_heads * 4.0
-    s_eff = min(group_size or s, s)
+    s_eff = min(group_size or shape.sequence_len, shape.sequence_len)
     return float(b * dims.num_heads * s * s_eff * (3 * w + 4))
 
 
@@ -252,7 +260,7 @@ def estimate_memory(
     w = shape.bytes_per_element
     p = total_params if total_params is not None else dims.total_params
     t = p if shape.full_finetune else trainable_params
-    b, s, h = shape.micro_batch_size, shape.sequence_len, dims.hidden_size
+    b, s, h = shape.micro_batch_size, shape.local_len, dims.hidden_size
     stage = parallelism.zero_stage
 
     gathered = 2 * dims.layer_params * w
@@ -302,7 +310,10 @@ def estimate_memory(
     }
     assumptions = [
         f"{'bf16/fp16' if w == 2 else 'fp32'} weights and activations, AdamW (fp32 master + 2 moments)",
-        f"{parallelism.label}, {n} data-parallel ranks",
+        f"{parallelism.label}, {n} data-parallel ranks"
+        if shape.context_parallel == 1
+        else f"{parallelism.label} over all {n} ranks ({n // shape.context_parallel} "
+        f"data-parallel x {shape.context_parallel} context-parallel)",
         "gradient checkpointing of every decoder layer"
         if shape.gradient_checkpointing
         else "no gradient checkpointing",
@@ -314,6 +325,12 @@ def estimate_memory(
         else "loss computed on full fp32 logits (no chunked/fused cross-entropy)",
         "1 GiB CUDA context and workspaces; allocator fragmentation not modelled",
     ]
+    if shape.context_parallel > 1:
+        assumptions.append(
+            f"context parallelism: each row split over {shape.context_parallel} GPUs "
+            f"({shape.local_len} tokens each; activation terms per GPU use that length; "
+            "the S2 halo of at most one group's keys and values per layer is not counted)"
+        )
     return MemoryEstimate(
         terms=terms,
         logits=logits,

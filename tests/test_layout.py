@@ -9,6 +9,7 @@ import sys
 CORE = [
     "longlora_plugin",
     "longlora_plugin.s2",
+    "longlora_plugin.s2.context_parallel",
     "longlora_plugin.rope",
     "longlora_plugin.trainable",
     "longlora_plugin.hookspecs",

@@ -75,8 +75,17 @@ class Report:
         return "\n".join(out)
 
 
-def build_report(cfg: Any, path: Path, *, world: int, gpu: str, notes: list[str]) -> Report:
-    """The :class:`Report` of a config Axolotl validated (``world`` GPUs of type ``gpu``)."""
+def build_report(
+    cfg: Any,
+    path: Path,
+    *,
+    world: int,
+    gpu: str,
+    notes: list[str],
+    context_parallel: int = 1,
+) -> Report:
+    """The :class:`Report` of a config Axolotl validated (``world`` GPUs of type ``gpu``;
+    ``context_parallel`` of them split each row, estimate only)."""
     from longlora_plugin.config import parse_longlora
 
     source = str(cfg.get("base_model_config") or cfg.get("base_model"))
@@ -137,16 +146,22 @@ def build_report(cfg: Any, path: Path, *, world: int, gpu: str, notes: list[str]
 
     micro = int(cfg.get("micro_batch_size") or 1)
     accum = int(cfg.get("gradient_accumulation_steps") or 1)
-    sequences = micro * accum * world
+    replicas = world // context_parallel
+    sequences = micro * accum * replicas
     tokens = sequences * seq_len
+    split = (
+        f" ({replicas} context-parallel group{'s' * (replicas > 1)} of {context_parallel})"
+        if context_parallel > 1
+        else ""
+    )
     batch_line = (
-        f"micro batch {micro} x gradient accumulation {accum} x {world} GPUs = {sequences} "
-        f"sequences of {seq_len} tokens"
+        f"micro batch {micro} x gradient accumulation {accum} x {world} GPUs{split} = "
+        f"{sequences} sequences of {seq_len} tokens"
         + (" (packed rows; up to)" if cfg.get("sample_packing") else "")
     )
 
     memory_lines, time_line, peak, gpu_gib = _estimate_lines(
-        cfg, dims, total, trainable, seq_len, group, world, gpu, sequences
+        cfg, dims, total, trainable, seq_len, group, world, gpu, sequences, context_parallel
     )
     return Report(
         config_path=str(path),
@@ -247,6 +262,7 @@ def _estimate_lines(
     world: int,
     gpu: str,
     sequences: int,
+    context_parallel: int = 1,
 ) -> tuple[list[str], str, float, float]:
     gpu_gib, peak_flops = GPUS[gpu]
     parallelism = Parallelism.from_axolotl(cfg, world)
@@ -261,6 +277,7 @@ def _estimate_lines(
         loss_chunks=(int(cfg.get("chunked_cross_entropy_num_chunks") or 8))
         if cfg.get("chunked_cross_entropy")
         else None,
+        context_parallel=context_parallel,
     )
     backend = str(cfg.get("attn_implementation") or "sdpa")
     flash = backend != "eager"

@@ -60,8 +60,10 @@ def validate(
     nodes: int = 1,
     gpu: str = "a100-80gb",
     local: bool = False,
+    context_parallel: int = 1,
 ) -> Report:
-    """Validate ``config_path`` as ``axolotl train`` would; raise :class:`ValidationFailed`."""
+    """Validate ``config_path`` as ``axolotl train`` would; raise :class:`ValidationFailed`.
+    ``context_parallel``: GPUs that split each row, for the memory estimate only."""
     import yaml
 
     path = Path(config_path)
@@ -73,6 +75,11 @@ def validate(
         raise ValidationFailed(f"{path} is not a YAML mapping of Axolotl keys")
     notes: list[str] = []
     world = max(1, gpus_per_node) * max(1, nodes)
+    if context_parallel < 1 or world % context_parallel:
+        raise ValidationFailed(
+            f"--context-parallel {context_parallel}: must be >= 1 and divide the "
+            f"{world} GPUs (gpus per node x nodes)"
+        )
     _check_outside_axolotl(raw, model_config, notes)
     if model_config:
         raw["base_model_config"] = str(Path(model_config))
@@ -86,7 +93,14 @@ def validate(
         if not isinstance(err, ValueError):
             message = f"{type(err).__name__}: {message}"
         raise ValidationFailed(message) from err
-    return build_report(cfg, path, world=world, gpu=gpu, notes=notes)
+    if context_parallel > 1:
+        notes.append(
+            f"--context-parallel {context_parallel}: an estimate of S2-Attn context "
+            "parallelism (docs/s2-attn.md); axolotl train does not run it yet"
+        )
+    return build_report(
+        cfg, path, world=world, gpu=gpu, notes=notes, context_parallel=context_parallel
+    )
 
 
 def _check_outside_axolotl(raw: dict, model_config: Any, notes: list[str]) -> None:

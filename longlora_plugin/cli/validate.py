@@ -39,6 +39,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="GPU type for capability checks and the estimate (default a100-80gb)",
     )
     parser.add_argument(
+        "--context-parallel",
+        type=int,
+        default=1,
+        metavar="P",
+        help="estimate memory with each row split over P GPUs (S2-Attn context "
+        "parallelism, docs/s2-attn.md); default 1",
+    )
+    parser.add_argument(
         "--local",
         action="store_true",
         help=(
@@ -66,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
             nodes=args.nodes,
             gpu=args.gpu,
             local=args.local,
+            context_parallel=args.context_parallel,
         )
     except ValidationFailed as err:
         print(f"longlora validate: {args.config}: invalid config:\n{err}", file=sys.stderr)

@@ -34,6 +34,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from longlora_plugin.s2.attention import s2_attention
+from longlora_plugin.s2.context_parallel import ContextParallel, Plan, build_plan, s2_attention_cp
 from longlora_plugin.s2.kernels import select_kernel
 from longlora_plugin.s2.layout import KernelKind, Layout, build_layout
 
@@ -51,13 +52,15 @@ class S2Settings:
     backend: str
     group_size: int | None
     group_size_ratio: float
+    context_parallel: int = 1  # ranks that split each row
 
     @property
     def name(self) -> str:
         size = (
             f"g{self.group_size}" if self.group_size is not None else f"r{self.group_size_ratio:g}"
         )
-        return f"{NAME_PREFIX}_{BACKEND_ALIASES[self.backend]}_{size}"
+        split = f"_cp{self.context_parallel}" if self.context_parallel > 1 else ""
+        return f"{NAME_PREFIX}_{BACKEND_ALIASES[self.backend]}_{size}{split}"
 
     def resolve(self, length: int) -> int:
         """Group size G for rows of ``length`` tokens."""
@@ -73,6 +76,7 @@ class S2Settings:
 
 
 _REGISTERED: dict[str, S2Settings] = {}
+_CONTEXT_PARALLEL: dict[str, ContextParallel] = {}
 
 
 def validate_group(group_size: int | None, group_size_ratio: float | None) -> None:
@@ -95,6 +99,7 @@ def enable_s2_attn(
     *,
     group_size: int | None = None,
     group_size_ratio: float = DEFAULT_GROUP_SIZE_RATIO,
+    context_parallel: ContextParallel | None = None,
 ) -> torch.nn.Module:
     """Switch ``model`` (a transformers model, possibly wrapped by PEFT, DDP, FSDP or
     DeepSpeed) to S2-Attn and return it.
@@ -102,6 +107,9 @@ def enable_s2_attn(
     ``group_size`` fixes G in tokens; otherwise ``G = int(group_size_ratio * L)`` for the
     row length L of each batch. The backend the model uses now is the one wrapped;
     enabling twice re-wraps the original backend with the new settings.
+    ``context_parallel``: each row is split across the ranks of this group
+    (:mod:`longlora_plugin.s2.context_parallel`; batches from its ``shard``); L is then
+    the whole row's length.
     """
     validate_group(group_size, group_size_ratio)
     base = unwrap_model(model)
@@ -112,8 +120,11 @@ def enable_s2_attn(
         )
     if backend == "flash_attention_2":
         _require_flash_attn()
-    settings = S2Settings(backend, group_size, float(group_size_ratio))
+    split = context_parallel.size if context_parallel is not None else 1
+    settings = S2Settings(backend, group_size, float(group_size_ratio), split)
     _register(settings)
+    if context_parallel is not None:
+        _CONTEXT_PARALLEL[settings.name] = context_parallel
     base.set_attn_implementation(settings.name)
     return model
 
@@ -197,7 +208,7 @@ class DeferredMask:
         self._kwargs = kwargs
         self._built = False
         self._mask = None
-        self.layouts: dict[tuple[int, KernelKind], Layout] = {}
+        self.layouts: dict[tuple, Layout | Plan] = {}
 
     @property
     def padding(self) -> torch.Tensor | None:
@@ -217,6 +228,12 @@ class DeferredMask:
 
 def s2_attention_forward(settings: S2Settings, module, query, key, value, attention_mask, **kwargs):
     """AttentionInterface entry point: S2 while ``module.training``, the wrapped backend otherwise."""
+    cp = _CONTEXT_PARALLEL.get(settings.name) if settings.context_parallel > 1 else None
+    if cp is not None and not module.training:
+        raise NotImplementedError(
+            "S2-Attn with context parallelism runs in training mode only: a split row would "
+            "need full attention across ranks; evaluate the model on one process"
+        )
     if not module.training:
         if isinstance(attention_mask, DeferredMask):
             attention_mask = attention_mask.materialize()
@@ -238,17 +255,35 @@ def s2_attention_forward(settings: S2Settings, module, query, key, value, attent
             "S2-Attn needs the 2D padding mask; the model was given a prepared 4D attention mask"
         )
     batch, _, length, _ = query.shape
-    group = settings.resolve(length)
+    group = settings.resolve(length * settings.context_parallel)
     dropout = kwargs.get("dropout", 0.0)
     kernel = select_kernel(settings.backend, query.device, query.dtype, dropout)
-    layout = _cached_layout(
-        attention_mask, kwargs.get("position_ids"), padding, query, group, kernel.kind
-    )
     half_dtype = None
     if kernel.casts_to_half:
         from transformers.integrations.flash_attention import get_target_dtype
 
         half_dtype = get_target_dtype(query, module)
+    if cp is not None:
+        window = kwargs.get("sliding_window")
+        plan = _cached_plan(
+            cp, attention_mask, kwargs.get("position_ids"), padding, query, group, window
+        )
+        out = s2_attention_cp(
+            cp,
+            plan,
+            kernel,
+            query,
+            key,
+            value,
+            scaling=kwargs.get("scaling"),
+            dropout=dropout,
+            window=window,
+            half_dtype=half_dtype,
+        )
+        return out, None
+    layout = _cached_layout(
+        attention_mask, kwargs.get("position_ids"), padding, query, group, kernel.kind
+    )
     out = s2_attention(
         kernel,
         query,
@@ -273,6 +308,20 @@ def _cached_layout(carrier, position_ids, padding, query, group: int, kind: Kern
     if cache is not None:
         cache[(group, kind)] = layout
     return layout
+
+
+def _cached_plan(cp, carrier, position_ids, padding, query, group: int, window) -> Plan:
+    """The context-parallel plan of the batch, built by the first layer (one all-gather)
+    and cached on the deferred mask."""
+    cache = carrier.layouts if isinstance(carrier, DeferredMask) else None
+    key = ("cp", group, window)
+    if cache is not None and key in cache:
+        return cache[key]
+    batch, _, length, _ = query.shape
+    plan = build_plan(cp, position_ids, padding, (batch, length), group, window, query.device)
+    if cache is not None:
+        cache[key] = plan
+    return plan
 
 
 _EAGER_FUNCTIONS: dict[type, Any] = {}

@@ -115,11 +115,14 @@ def build_layout(
     group: int,
     kind: KernelKind,
     device: torch.device,
+    shifts: tuple[int, int] | None = None,
 ) -> Layout:
     """The :class:`Layout` of a ``shape = (B, L)`` batch for a ``kind`` kernel.
 
     ``position_ids``: ``[B, L]`` or ``[1, L]`` (None: ``0 .. L-1``); ``padding``: the 2D
-    attention mask (``[B, >= L]``, nonzero = real token) or None.
+    attention mask (``[B, >= L]``, nonzero = real token) or None. ``shifts``: the two
+    halves' shifts, ``(0, group // 2)`` unless given (context parallelism lays out one
+    half at a time).
     """
     batch, length = shape
     if position_ids is None:
@@ -130,7 +133,7 @@ def build_layout(
         valid = padding[:, -length:].to(torch.bool)
         if bool(valid.all()):
             valid = None
-    shifts = (0, group // 2)
+    shifts = shifts or (0, group // 2)
     if kind == "padded" and valid is None and _regular(position_ids):
         first = int(position_ids[0, 0])
         pieces = tuple(regular_pieces(length, group, s, first) for s in shifts)

@@ -284,3 +284,26 @@ def test_docs_table_lists_every_config():
     doc = (REPO / "docs" / "configs.md").read_text(encoding="utf-8")
     for path in [*STOCK, *(REPO / "example_configs" / name for name in DEMO)]:
         assert f"| `{path.name}` |" in doc, path.name
+
+
+def test_context_parallel_estimate_fits_70b_at_100k(capsys, tmp_path):
+    """Llama-2-70B at 100k tokens per row: gradient-checkpoint activations alone exceed an
+    80 GB GPU; split over 8 GPUs (--context-parallel 8) the estimate fits."""
+    cfg = yaml.safe_load((REPO / "example_configs" / "llama2-70b-32k.yml").read_text())
+    cfg["sequence_len"] = 102400
+    path = tmp_path / "llama2-70b-100k.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    fixture = str(FIXTURES / "Llama-2-70b-hf")
+    rc, out, _ = run_cli(capsys, [str(path), "--model-config", fixture])
+    assert rc == 0 and "-> DOES NOT FIT" in out
+    whole = float(re.search(r"^  checkpoints: ([0-9.]+)$", out, flags=re.M).group(1))
+    assert whole == pytest.approx(80 * 102400 * 8192 * 2 / 2**30, abs=0.01)  # 125 GiB
+    rc, out, _ = run_cli(capsys, [str(path), "--model-config", fixture, "--context-parallel", "8"])
+    assert rc == 0 and "-> fits" in out, out
+    split = float(re.search(r"^  checkpoints: ([0-9.]+)$", out, flags=re.M).group(1))
+    assert split == pytest.approx(whole / 8, abs=0.01)
+    assert "(1 context-parallel group of 8) = 8 sequences of 102400 tokens" in out
+    assert "each row split over 8 GPUs (12800 tokens each" in out
+    assert "axolotl train does not run it yet" in out
+    rc, _, err = run_cli(capsys, [str(path), "--model-config", fixture, "--context-parallel", "3"])
+    assert rc == 1 and "--context-parallel 3: must be >= 1 and divide the 8 GPUs" in err
