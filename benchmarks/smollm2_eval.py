@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         del item
-        runner._release()
+        runner.release()
 
     merged = dict(payloads[0])
     merged["models"] = [m for p in payloads for m in p["models"]]

@@ -18,6 +18,8 @@ from longlora_plugin.evaluation.models import ModelSpec, RopeOverride
 from longlora_plugin.evaluation.runner import load_models, run_passkey, run_ppl, save
 from longlora_plugin.evaluation.texts import load_texts
 
+RULER_SAMPLES = 2
+
 PASSKEY_TRIALS = 10
 PASSKEY_DEPTHS = (0.0, 0.5, 1.0)
 PASSKEY_USABLE = 0.5  # base-model accuracy at its own context needed to go further
@@ -64,7 +66,7 @@ def evaluate_demo(
         "ppl": ppl,
         "table": _table(ppl, specs, lengths, payload),
         "plot": str(paths["png"]),
-        "passkey_note": _passkey(out, specs, lengths),
+        "passkey_note": _passkey(out, specs, lengths) + "\n\n" + _ruler(specs, lengths),
     }
 
 
@@ -88,6 +90,37 @@ def _table(
     lines.append("")
     lines.append("windows per length: " + ", ".join(f"{n}: {windows[n]}" for n in cols))
     return "\n".join(lines)
+
+
+def _ruler(specs: dict[str, ModelSpec], lengths: Any, samples: int = RULER_SAMPLES) -> str:
+    """RULER (``longlora eval ruler``) on the tasks whose shortest sample fits the base
+    model's context, at the evaluation lengths, for the three models; or the sentence
+    saying that none fits."""
+    from transformers import AutoTokenizer
+
+    from longlora_plugin.evaluation import ruler, ruler_eval
+    from longlora_plugin.evaluation.report import ruler_table
+
+    tokenizer = AutoTokenizer.from_pretrained(specs["base"].path)
+    offline = [name for name, task in ruler.TASKS.items() if task.haystack != "essay"]
+    limit = max(lengths.eval_lengths)
+    shortest = {name: ruler.shortest_length(name, tokenizer, limit=limit) for name in offline}
+    fitting = [name for name, n in shortest.items() if n is not None and n <= lengths.base]
+    needed = ", ".join(f"{name} {n or f'> {limit}'}" for name, n in shortest.items())
+    if not fitting:
+        return (
+            f"RULER: not run. Its shortest samples with this tokenizer ({needed} tokens, "
+            "prompt plus answer budget) do not fit the base model's "
+            f"{lengths.base}-token context, so no task can be scored at its own length."
+        )
+    payload = ruler_eval.run(
+        load_models(list(specs.values()), dtype="float32", device="cpu"),
+        lengths=lengths.eval_lengths,
+        tasks=fitting,
+        samples=samples,
+        progress=False,
+    )
+    return "RULER (tasks that fit the base context):\n\n" + ruler_table(payload)
 
 
 def _passkey(out: Path, specs: dict[str, ModelSpec], lengths: Any) -> str:

@@ -187,6 +187,13 @@ def add_parser(subparsers: Any) -> None:
         help=f"samples per task and length (default {DEFAULT_SAMPLES})",
     )
     ruler.add_argument(
+        "--questions-per-haystack",
+        type=_positive,
+        default=1,
+        help="ask up to this many questions about each haystack and prefill it once, where "
+        "the task allows it (niah_multikey_*); default 1, RULER's independent samples",
+    )
+    ruler.add_argument(
         "--data",
         default=None,
         help="text for the essay haystack (.txt, directory, .jsonl or dataset); without it "
@@ -308,6 +315,7 @@ def _run_ruler(args: argparse.Namespace) -> int:
         lengths=args.lengths,
         tasks=tasks,
         samples=args.samples,
+        questions_per_haystack=args.questions_per_haystack,
         seed=args.seed,
         essay=essay,
         data=str(args.data or ""),

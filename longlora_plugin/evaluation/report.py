@@ -9,7 +9,9 @@ The payloads are the dicts built by :mod:`longlora_plugin.evaluation.runner`:
   "results": [{"model", "length", "depth", "correct", "trials", "accuracy"}],
   "trials": [per-trial records]}``;
 * RULER: ``{"evaluation": "ruler", "settings": {...}, "models": [...], "results":
-  [{"model", "task", "length", "score", "samples", "prefill_tokens_per_s", "seconds"}],
+  [{"model", "task", "length", "score", "samples", "haystacks", "prefill_tokens_per_s",
+  "prompt_tokens_per_s", "prefill_seconds", "decode_seconds", "build_seconds",
+  "seconds"}],
   "summary": {model: averages, effective lengths, regression line}, "samples": [...]}``.
 """
 
@@ -257,8 +259,10 @@ def ruler_table(payload: dict[str, Any]) -> str:
     results, summary = payload["results"], payload["summary"]
     settings = payload["settings"]
     lengths = sorted({r["length"] for r in results})
+    counts = sorted({r["samples"] for r in results})
+    samples = "-".join(str(n) for n in {counts[0]: 0, counts[-1]: 0}) if counts else "0"
     lines = [
-        f"RULER score (string_match_all, %, {settings['samples']} samples per cell, greedy)",
+        f"RULER score (string_match_all, %, {samples} samples per cell, greedy)",
         "",
         "| model | task | " + " | ".join(str(n) for n in lengths) + " |",
         "|---|---|" + "---:|" * len(lengths),
@@ -296,7 +300,40 @@ def ruler_table(payload: dict[str, Any]) -> str:
         )
     if not rows:
         lines.append("- no length within the models' original contexts tested")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ruler_cost(payload)) + "\n"
+
+
+def ruler_cost(payload: dict[str, Any]) -> list[str]:
+    """Markdown lines: per model and length, the prefill's speed (tokens run through
+    the model per second, and prompt tokens answered per second, which is higher when
+    haystack prefills are reused) and where the time went."""
+    lines = [
+        "",
+        "Cost (all tasks of a length; prefill = forward passes over prompts, decode = greedy "
+        "tokens, build = generating and tokenizing the samples):",
+        "",
+        "| model | length | samples | prefill tok/s | prompt tok/s | prefill s | decode s "
+        "| build s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in _models(payload):
+        for length in sorted({r["length"] for r in payload["results"]}):
+            rows = [r for r in payload["results"] if r["model"] == name and r["length"] == length]
+            if not rows:
+                continue
+            prefill = sum(r["prefill_seconds"] for r in rows)
+            computed = sum(r["prefill_tokens_per_s"] * r["prefill_seconds"] for r in rows)
+            prompts = sum(r["prompt_tokens_per_s"] * r["prefill_seconds"] for r in rows)
+            cells = [
+                str(sum(r["samples"] for r in rows)),
+                f"{computed / prefill:,.0f}",
+                f"{prompts / prefill:,.0f}",
+                f"{prefill:.1f}",
+                f"{sum(r['decode_seconds'] for r in rows):.1f}",
+                f"{sum(r['build_seconds'] for r in rows):.1f}",
+            ]
+            lines.append(f"| {name} | {length} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_ruler(payload: dict[str, Any], path: Path) -> Path:

@@ -23,6 +23,12 @@ haystacks and uniformly for the others, unless ``depths`` are given.
 Haystacks: ``repeat`` (RULER's noise sentences), ``needle`` (distractor needles with other
 keys) and ``essay``, which RULER fills with Paul Graham's essays and this module with the
 sentences of any text (``--data``).
+
+Questions per haystack (:func:`build_samples`): where a haystack holds several keyed
+needles and one of them is queried (``niah_multikey_*``), one haystack can serve several
+samples, each asking about another of its keys, so that the evaluation prefills it once
+(:func:`longlora_plugin.evaluation.ruler_eval.answer_all`). The queried keys are then
+drawn with equally long questions (in tokens), so every sample keeps the exact length.
 """
 
 from __future__ import annotations
@@ -132,6 +138,7 @@ class Sample:
     tokens_to_generate: int
     needle_positions: list[int] = field(default_factory=list)
     depths: list[float] = field(default_factory=list)
+    prefix_length: int = 0  # leading tokens shared with the other samples of its haystack
 
 
 @cache
@@ -241,10 +248,58 @@ def chat_frame(tokenizer: Any) -> tuple[str, str]:
     return before, after
 
 
-def _niah(task: Task, tokenizer: Any, n_prompt: int, rng: random.Random, essay, depths, chat):
+def max_questions(task: Task | str) -> int:
+    """How many samples one haystack of ``task`` can serve (:func:`build_samples`): the
+    number of keyed needles for ``niah_multikey_1``, any number when the haystack is
+    made of needles, else 1."""
+    task = TASKS[task] if isinstance(task, str) else task
+    if task.kind != "niah" or task.num_queries > 1 or task.num_values > 1:
+        return 1
+    return 1_000_000 if task.haystack == "needle" else task.num_keys
+
+
+def _niah_frame(task: Task, chat, query: str) -> tuple[str, str]:
+    template, prefix, _ = TEMPLATES["niah"]
     value_type = task.value_type
-    num_keys = max(task.num_keys, task.num_queries)
-    keys = [_random(task.key_type, rng) for _ in range(num_keys)]
+    if task.num_queries * task.num_values == 1:  # RULER's singular wording
+        template, prefix = (
+            t.replace("Some", "A").replace("are all", "is").replace("are", "is")
+            for t in (template, prefix)
+        )
+        value_type = value_type[:-1]
+    return _frame(template, prefix, chat, type_needle_v=value_type, query=query)
+
+
+def _keys(task: Task, tokenizer: Any, rng: random.Random, count: int, questions: int, chat):
+    """``count`` random keys; with several ``questions`` the keys are drawn so that every
+    question (the frame's tail, which names the key) has the same number of tokens."""
+    if questions == 1:
+        return [_random(task.key_type, rng) for _ in range(count)]
+
+    def tail_tokens(key: str) -> int:
+        tail = _niah_frame(task, chat, key)[1]
+        return len(
+            _encode(tokenizer, tail if task.haystack == "essay" else tail.removeprefix("\n"))
+        )
+
+    keys = [_random(task.key_type, rng)]
+    want, tries = tail_tokens(keys[0]), 0
+    while len(keys) < count:
+        key = _random(task.key_type, rng)
+        tries += 1
+        if key not in keys and tail_tokens(key) == want:
+            keys.append(key)
+        elif tries > 200 * count:
+            raise ValueError(f"no {count} keys with equally long questions for this tokenizer")
+    return keys
+
+
+def _niah(
+    task: Task, tokenizer: Any, n_prompt: int, rng: random.Random, essay, depths, chat, questions
+):
+    value_type = task.value_type
+    num_keys = max(task.num_keys, task.num_queries, questions)
+    keys = _keys(task, tokenizer, rng, num_keys, questions, chat)
     values = [[_random(value_type, rng) for _ in range(task.num_values)] for _ in keys]
     needles = [
         NEEDLE.format(type_needle_v=value_type, key=k, value=v)
@@ -252,17 +307,15 @@ def _niah(task: Task, tokenizer: Any, n_prompt: int, rng: random.Random, essay, 
         for v in vs
     ]
     rng.shuffle(needles)
-    queried = rng.sample(range(num_keys), task.num_queries)
-    names = [keys[i] for i in queried]
-    query = names[0] if len(names) == 1 else ", ".join(names[:-1]) + ", and " + names[-1]
-    template, prefix, _ = TEMPLATES["niah"]
-    if task.num_queries * task.num_values == 1:  # RULER's singular wording
-        template, prefix = (
-            t.replace("Some", "A").replace("are all", "is").replace("are", "is")
-            for t in (template, prefix)
-        )
-        value_type = value_type[:-1]
-    head, tail = _frame(template, prefix, chat, type_needle_v=value_type, query=query)
+    queried = rng.sample(range(num_keys), max(task.num_queries, questions))
+    if questions == 1:
+        names = [keys[i] for i in queried]
+        queries = [names[0] if len(names) == 1 else ", ".join(names[:-1]) + ", and " + names[-1]]
+        refs = [[v for i in queried for v in values[i]]]
+    else:  # one question per queried key, each a sample of the task
+        queries = [keys[i] for i in queried]
+        refs = [list(values[i]) for i in queried]
+    head, tail = _niah_frame(task, chat, queries[0])
     if task.haystack == "essay":
         if not essay:
             raise ValueError(f"{task.name}: an essay haystack needs text (--data)")
@@ -284,7 +337,14 @@ def _niah(task: Task, tokenizer: Any, n_prompt: int, rng: random.Random, essay, 
         depths = list(depths or [rng.random() for _ in needles])
     bos = chat is None
     ids, positions = assemble(tokenizer, head, tail, units, needles, depths, n_prompt, sep, bos)
-    return ids, [v for i in queried for v in values[i]], positions, depths
+    prompts = [ids]
+    if questions > 1:
+        strip = "\n" if task.haystack != "essay" else ""
+        prefix = ids[: len(ids) - len(_encode(tokenizer, tail))]
+        for query in queries[1:]:
+            other = _niah_frame(task, chat, query)[1].removeprefix(strip)
+            prompts.append(prefix + _encode(tokenizer, other))
+    return prompts, refs, positions, depths
 
 
 def _variable_tracking(tokenizer: Any, n_prompt: int, rng: random.Random, depths, chat):
@@ -388,15 +448,55 @@ def build_sample(
     deterministic in ``(task, length, seed)`` and the tokenizer. ``essay``: the sentences
     of the essay haystack; ``depths`` overrides the needles' random depths; ``chat``
     wraps the prompt in a chat template (:func:`chat_frame`)."""
+    return build_samples(task, tokenizer, length, seed, essay=essay, depths=depths, chat=chat)[0]
+
+
+def build_samples(
+    task: Task | str,
+    tokenizer: Any,
+    length: int,
+    seed: int | str,
+    *,
+    questions: int = 1,
+    essay: Sequence[str] = (),
+    depths: Sequence[float] | None = None,
+    chat: tuple[str, str] | None = None,
+) -> list[Sample]:
+    """``questions`` samples of ``task`` about one haystack, as :func:`build_sample`
+    (which is the first of them with ``questions=1``): each asks about another keyed
+    needle, all prompts have the same length and share their first ``prefix_length``
+    tokens. ``questions`` is at most :func:`max_questions` of the task."""
     task = TASKS[task] if isinstance(task, str) else task
+    if not 1 <= questions <= max_questions(task):
+        raise ValueError(
+            f"{task.name}: questions per haystack {questions} is not allowed; allowed: 1 to "
+            f"{max_questions(task)} (several only where a haystack holds several keyed needles "
+            "and one is queried)"
+        )
     rng = random.Random(f"{task.name}/{length}/{seed}")
     n_prompt = length - task.tokens_to_generate
     positions: list[int] = []
     try:
         if task.kind == "niah":
-            ids, refs, positions, depths = _niah(
-                task, tokenizer, n_prompt, rng, essay, depths, chat
+            prompts, refs_each, positions, depths = _niah(
+                task, tokenizer, n_prompt, rng, essay, depths, chat, questions
             )
+            if questions > 1:
+                shared = _shared_prefix(prompts)
+                return [
+                    Sample(
+                        task.name,
+                        length,
+                        ids,
+                        refs,
+                        task.tokens_to_generate,
+                        list(positions),
+                        list(depths),
+                        shared,
+                    )
+                    for ids, refs in zip(prompts, refs_each, strict=True)
+                ]
+            ids, refs = prompts[0], refs_each[0]
         elif task.kind == "variable_tracking":
             ids, refs, positions, depths = _variable_tracking(
                 tokenizer, n_prompt, rng, depths, chat
@@ -407,6 +507,48 @@ def build_sample(
             ids, refs = _frequent_words(tokenizer, n_prompt, rng, chat)
     except ValueError as err:
         raise ValueError(f"{task.name} at length {length}: {err}") from None
-    return Sample(
-        task.name, length, ids, list(refs), task.tokens_to_generate, positions, list(depths or [])
-    )
+    return [
+        Sample(
+            task.name,
+            length,
+            ids,
+            list(refs),
+            task.tokens_to_generate,
+            positions,
+            list(depths or []),
+        )
+    ]
+
+
+def _shared_prefix(prompts: Sequence[list[int]]) -> int:
+    shared = min(map(len, prompts))
+    for ids in prompts[1:]:
+        shared = next((i for i in range(shared) if ids[i] != prompts[0][i]), shared)
+    return shared
+
+
+def shortest_length(
+    task: Task | str, tokenizer: Any, *, limit: int = 4096, **kwargs: Any
+) -> int | None:
+    """The shortest length (prompt plus ``tokens_to_generate``) at which
+    :func:`build_sample` can build ``task`` with ``tokenizer`` (seed ``"shortest"``), or
+    None when even ``limit`` is too short. ``kwargs`` go to :func:`build_sample`."""
+    task = TASKS[task] if isinstance(task, str) else task
+
+    def fits(length: int) -> bool:
+        try:
+            build_sample(task, tokenizer, length, "shortest", **kwargs)
+        except ValueError:
+            return False
+        return True
+
+    low, high = task.tokens_to_generate + 1, limit
+    if not fits(high):
+        return None
+    while low < high:  # the smallest length that fits
+        middle = (low + high) // 2
+        if fits(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return high

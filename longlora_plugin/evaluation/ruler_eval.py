@@ -47,7 +47,9 @@ def string_match_all(prediction: str, references: Sequence[str]) -> float:
 
 @dataclass
 class Answer:
-    """A sample's greedy answer, its score and timings."""
+    """A sample's greedy answer, its score and timings. ``prefill_tokens`` counts the
+    tokens this answer ran through the model before decoding (the whole prompt, or only
+    its question when the haystack's prefill was reused)."""
 
     text: str
     score: float
@@ -55,20 +57,15 @@ class Answer:
     prefill_seconds: float
     decode_seconds: float
     new_tokens: int
+    prompt_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-@torch.inference_mode()
-def answer(model: Any, tokenizer: Any, sample: Sample) -> Answer:
-    """Greedy decoding with the KV cache: one prefill of the prompt, then up to
-    ``tokens_to_generate`` tokens (stopping at EOS); scored with :func:`string_match_all`."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([sample.input_ids], dtype=torch.long, device=device)
-    start = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True)
-    prefill = time.perf_counter() - start
+def _greedy(model: Any, tokenizer: Any, out: Any, sample: Sample) -> tuple[str, int, float]:
+    """Greedy continuation of the forward output ``out`` (its cache holds the prompt):
+    up to ``tokens_to_generate`` tokens, stopping at EOS."""
     eos = {tokenizer.eos_token_id} - {None}
     generated: list[int] = []
     start = time.perf_counter()
@@ -77,10 +74,52 @@ def answer(model: Any, tokenizer: Any, sample: Sample) -> Answer:
         generated.append(int(token))
         out = model(input_ids=token.view(1, 1), past_key_values=out.past_key_values, use_cache=True)
         token = out.logits[0, -1].argmax()
-    decode = time.perf_counter() - start
-    text = tokenizer.decode(generated, skip_special_tokens=True)
-    score = string_match_all(text, sample.references)
-    return Answer(text, score, len(sample.input_ids), prefill, decode, len(generated))
+    seconds = time.perf_counter() - start
+    return tokenizer.decode(generated, skip_special_tokens=True), len(generated), seconds
+
+
+def _ids(model: Any, ids: Sequence[int]) -> torch.Tensor:
+    return torch.tensor([list(ids)], dtype=torch.long, device=next(model.parameters()).device)
+
+
+@torch.inference_mode()
+def answer(model: Any, tokenizer: Any, sample: Sample) -> Answer:
+    """Greedy decoding with the KV cache: one prefill of the prompt (logits of its last
+    token only), then up to ``tokens_to_generate`` tokens (stopping at EOS); scored with
+    :func:`string_match_all`."""
+    start = time.perf_counter()
+    out = model(input_ids=_ids(model, sample.input_ids), use_cache=True, logits_to_keep=1)
+    prefill = time.perf_counter() - start
+    text, new, decode = _greedy(model, tokenizer, out, sample)
+    n = len(sample.input_ids)
+    return Answer(text, string_match_all(text, sample.references), n, prefill, decode, new, n)
+
+
+@torch.inference_mode()
+def answer_all(model: Any, tokenizer: Any, samples: Sequence[Sample]) -> list[Answer]:
+    """:func:`answer` for samples about one haystack (:func:`ruler.build_samples`): their
+    shared ``prefix_length`` tokens are prefilled once, then each sample's own tokens
+    continue from that cache, which is cut back to the prefix after each answer. Greedy
+    answers equal those of :func:`answer` up to floating-point summation order."""
+    shared = min(s.prefix_length for s in samples)
+    if len(samples) == 1 or shared == 0:
+        return [answer(model, tokenizer, s) for s in samples]
+    start = time.perf_counter()
+    prefix = _ids(model, samples[0].input_ids[:shared])
+    cache = model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
+    shared_seconds = time.perf_counter() - start
+    answers = []
+    for n, sample in enumerate(samples):
+        start = time.perf_counter()
+        ids = _ids(model, sample.input_ids[shared:])
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        prefill = time.perf_counter() - start + (shared_seconds if n == 0 else 0.0)
+        text, new, decode = _greedy(model, tokenizer, out, sample)
+        computed = len(sample.input_ids) - shared + (shared if n == 0 else 0)
+        score = string_match_all(text, sample.references)
+        answers.append(Answer(text, score, computed, prefill, decode, new, len(sample.input_ids)))
+        cache.crop(shared - cache.get_seq_length())  # negative: drop the question and answer
+    return answers
 
 
 def averages(results: Sequence[dict[str, Any]], model: str) -> dict[int, float]:
@@ -143,6 +182,7 @@ def run(
     lengths: Sequence[int],
     tasks: Sequence[str] = tuple(ruler.TASKS),
     samples: int = DEFAULT_SAMPLES,
+    questions_per_haystack: int = 1,
     seed: int = 0,
     essay: Sequence[str] = (),
     data: str = "",
@@ -154,10 +194,14 @@ def run(
     """RULER tasks x lengths for every model, ``samples`` samples per cell (the same
     samples for every model with the same tokenizer); returns the ``ruler`` payload
     described in :mod:`longlora_plugin.evaluation.report`. A cell whose task cannot be
-    built at that length (prompt too short, no essay text) is skipped with a warning."""
+    built at that length (prompt too short, no essay text) is skipped with a warning.
+    ``questions_per_haystack`` > 1: tasks that allow it (:func:`ruler.max_questions`) ask
+    up to that many questions about each haystack and prefill it once (:func:`answer_all`)."""
     unknown = [t for t in tasks if t not in ruler.TASKS]
     if unknown:
         raise ValueError(f"unknown RULER tasks {unknown}; allowed: {', '.join(ruler.TASKS)}")
+    if questions_per_haystack < 1:
+        raise ValueError(f"questions_per_haystack must be >= 1, got {questions_per_haystack}")
     infos: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
     records: list[dict[str, Any]] = []
@@ -174,33 +218,46 @@ def run(
         for task in tasks:
             for length in sorted(lengths):
                 bar.set_postfix_str(f"{task} L={length}")
+                per = min(questions_per_haystack, ruler.max_questions(task), samples)
+                built_at = time.perf_counter()
                 try:
-                    built = [
-                        ruler.build_sample(
-                            task, item.tokenizer, length, f"{seed}/{i}", essay=essay, chat=chat
+                    groups = [
+                        ruler.build_samples(
+                            task,
+                            item.tokenizer,
+                            length,
+                            f"{seed}/{i}",
+                            questions=min(per, samples - i * per),
+                            essay=essay,
+                            chat=chat,
                         )
-                        for i in range(samples)
+                        for i in range(-(-samples // per))
                     ]
                 except ValueError as err:
                     LOG.warning("longlora eval ruler: %s: skipped", err)
                     skipped.append({"model": item.name, "task": task, "length": length})
                     bar.update(samples)
                     continue
+                build_s = time.perf_counter() - built_at
                 answers = []
-                for sample in built:
-                    answers.append(answer(item.model, item.tokenizer, sample))
-                    records.append(
-                        {
-                            "model": item.name,
-                            "task": task,
-                            "length": length,
-                            "references": sample.references,
-                            "depths": sample.depths,
-                            **answers[-1].to_dict(),
-                        }
-                    )
-                    bar.update(1)
+                for group in groups:
+                    for sample, got in zip(
+                        group, answer_all(item.model, item.tokenizer, group), strict=True
+                    ):
+                        answers.append(got)
+                        records.append(
+                            {
+                                "model": item.name,
+                                "task": task,
+                                "length": length,
+                                "references": sample.references,
+                                "depths": sample.depths,
+                                **got.to_dict(),
+                            }
+                        )
+                        bar.update(1)
                 prefill_s = sum(a.prefill_seconds for a in answers)
+                decode_s = sum(a.decode_seconds for a in answers)
                 results.append(
                     {
                         "model": item.name,
@@ -208,8 +265,13 @@ def run(
                         "length": length,
                         "score": sum(a.score for a in answers) / len(answers),
                         "samples": len(answers),
+                        "haystacks": len(groups),
                         "prefill_tokens_per_s": sum(a.prefill_tokens for a in answers) / prefill_s,
-                        "seconds": prefill_s + sum(a.decode_seconds for a in answers),
+                        "prompt_tokens_per_s": sum(a.prompt_tokens for a in answers) / prefill_s,
+                        "prefill_seconds": prefill_s,
+                        "decode_seconds": decode_s,
+                        "build_seconds": build_s,
+                        "seconds": prefill_s + decode_s + build_s,
                     }
                 )
         bar.close()
@@ -221,6 +283,7 @@ def run(
             "tasks": list(tasks),
             "lengths": sorted(lengths),
             "samples": samples,
+            "questions_per_haystack": questions_per_haystack,
             "seed": seed,
             "essay_data": data or None,
             "chat_template": chat_template,

@@ -78,6 +78,7 @@ def test_demo_pipeline_smoke(tmp_path: Path):
     assert (demo / "ppl.png").stat().st_size > 10_000
     report = (demo / "results.md").read_text()
     assert "VERDICT" in report and "Passkey retrieval" in report and "| total |" in report
+    assert "RULER: not run. Its shortest samples with this tokenizer (niah_single_1 " in report
     assert f"| base + {rope_type} x4, no training |" in report  # untrained row: same RoPE
     assert list((tmp_path / "cache" / "demo").glob("base-*/DONE"))
 
@@ -121,3 +122,26 @@ def test_omp_threads_respects_the_caller(monkeypatch):
     assert omp_threads() == "3"
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert 1 <= int(omp_threads()) <= MAX_THREADS
+
+
+def test_ruler_runs_the_tasks_that_fit_the_base_context(tiny_llama: Path):
+    """With a base context that holds them, the demo scores the offline RULER tasks for
+    the three models; with one that does not (the demo's 128 tokens: niah alone budgets
+    128 answer tokens) it says why not."""
+    from types import SimpleNamespace
+
+    from demo.evaluate import _ruler
+    from longlora_plugin.evaluation.models import ModelSpec, RopeOverride
+
+    specs = {
+        "base": ModelSpec("base", str(tiny_llama)),
+        "interpolation": ModelSpec("interp", str(tiny_llama), RopeOverride("linear", 2.0)),
+        "longlora": ModelSpec("longlora", str(tiny_llama), RopeOverride("linear", 2.0)),
+    }
+    note = _ruler(specs, SimpleNamespace(base=128, eval_lengths=[128, 256]))
+    assert note.startswith("RULER: not run.") and "niah_single_1 > 256" in note, note
+    note = _ruler(specs, SimpleNamespace(base=1200, eval_lengths=[1200]), samples=1)
+    assert note.startswith("RULER (tasks that fit the base context):"), note
+    for name in ("base", "interp", "longlora"):
+        assert f"| {name} | niah_single_1 |" in note
+    assert "| longlora | vt |" in note and "Effective length" in note

@@ -8,14 +8,17 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from longlora_plugin.cli import main
 from longlora_plugin.evaluation import ruler
 from longlora_plugin.evaluation.ruler_eval import (
     effective_length,
+    run,
     string_match_all,
     summarize,
 )
+from tests.support.copy_task import NiahData, niah_tokenizer, train_copier
 
 ESSAY_TEXT = " ".join(
     f"Sentence number {i} of the essay talks about topic {i % 7}, and then it ends."
@@ -149,10 +152,12 @@ def test_cli_writes_json_table_and_heatmap(tiny_llama: Path, tmp_path, capsys):
     for row in payload["results"]:
         assert 0 <= row["score"] <= 100 and row["prefill_tokens_per_s"] > 0
     for record in payload["samples"]:
-        assert record["prefill_tokens"] + ruler.TASKS[record["task"]].tokens_to_generate in (
+        assert record["prompt_tokens"] + ruler.TASKS[record["task"]].tokens_to_generate in (
             2500,
             3000,
         )
+        assert record["prefill_tokens"] == record["prompt_tokens"]  # no haystack reused
+    assert "| pi | 3000 | 6 |" in stdout  # the cost table: 3 tasks x 2 samples
     assert set(payload["summary"]) == {"base", "pi"}
     assert (out / "ruler.md").read_text() in stdout
     assert (out / "ruler.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -164,3 +169,123 @@ def test_cli_writes_json_table_and_heatmap(tiny_llama: Path, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*bad, "--tasks", "niah_single_9", "--out", str(tmp_path / "x")])
     assert "unknown task(s) ['niah_single_9']" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- one prefill, several questions
+@pytest.mark.parametrize("task", ["niah_multikey_1", "niah_multikey_2", "niah_multikey_3"])
+def test_questions_about_one_haystack_keep_the_exact_length(tokenizer, task):
+    essay = ruler.sentences(ESSAY_TEXT)
+    questions = ruler.max_questions(task) if task == "niah_multikey_1" else 5
+    group = ruler.build_samples(task, tokenizer, 3000, "q", questions=questions, essay=essay)
+    assert len(group) == questions
+    shared = group[0].prefix_length
+    assert shared > 0.9 * len(group[0].input_ids)
+    references = set()
+    for sample in group:
+        assert len(sample.input_ids) + sample.tokens_to_generate == 3000
+        assert sample.input_ids[:shared] == group[0].input_ids[:shared]
+        text = tokenizer.decode(sample.input_ids[shared:])
+        (key,) = {k for k in _keys_in(tokenizer, group[0]) if k in text}  # asks about one key
+        needle = f"for {key} is: {sample.references[0]}."
+        assert needle in tokenizer.decode(sample.input_ids[:shared])  # whose needle is there
+        references.add(sample.references[0])
+    assert len(references) == questions  # a different needle each
+    # one question per haystack is RULER's sample, as build_sample makes it
+    single = ruler.build_samples(task, tokenizer, 3000, "q", essay=essay)
+    assert (
+        single[0].input_ids == ruler.build_sample(task, tokenizer, 3000, "q", essay=essay).input_ids
+    )
+    assert single[0].prefix_length == 0
+
+
+def _keys_in(tokenizer, sample: ruler.Sample) -> list[str]:
+    import re
+
+    return re.findall(r"magic \w+ for (\S+) is:", tokenizer.decode(sample.input_ids))
+
+
+def test_questions_per_haystack_is_refused_where_the_task_has_one_question(tokenizer):
+    with pytest.raises(ValueError, match=r"niah_single_1: questions per haystack 2 .* 1 to 1"):
+        ruler.build_samples("niah_single_1", tokenizer, 3000, "q", questions=2)
+    assert ruler.max_questions("niah_multivalue") == ruler.max_questions("vt") == 1
+
+
+def test_reused_prefill_gives_the_answers_of_separate_prefills(tiny_llama: Path):
+    import torch
+
+    from longlora_plugin.evaluation.models import ModelSpec, load_eval_model
+    from longlora_plugin.evaluation.ruler_eval import answer, answer_all
+
+    item = load_eval_model(ModelSpec("tiny", str(tiny_llama)), dtype="float32", device="cpu")
+    group = ruler.build_samples("niah_multikey_2", item.tokenizer, 1500, "r", questions=3)
+    for sample in group:
+        sample.tokens_to_generate = 12  # a short greedy answer, compared token for token
+    reused = answer_all(item.model, item.tokenizer, group)
+    alone = [answer(item.model, item.tokenizer, s) for s in group]
+    assert [a.text for a in reused] == [a.text for a in alone]
+    assert all(a.new_tokens == 12 for a in alone)  # a random model does not stop early
+    shared = group[0].prefix_length
+    assert reused[0].prefill_tokens == 1500 - 128
+    assert [a.prefill_tokens for a in reused[1:]] == [1500 - 128 - shared] * 2
+    # the logits of the first answer token agree, not only the argmax
+    with torch.inference_mode():
+        ids = torch.tensor([group[2].input_ids])
+        full = item.model(input_ids=ids).logits[0, -1]
+        cache = item.model(input_ids=ids[:, :shared], use_cache=True).past_key_values
+        part = item.model(input_ids=ids[:, shared:], past_key_values=cache).logits[0, -1]
+    torch.testing.assert_close(part, full, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_questions_per_haystack(tiny_llama: Path, tmp_path, capsys):
+    out = tmp_path / "ruler"
+    argv = ["eval", "ruler", "--model", f"base={tiny_llama}", "--lengths", "1500"]
+    argv += ["--tasks", "niah_single_1,niah_multikey_2", "--samples", "4", "--device", "cpu"]
+    argv += ["--questions-per-haystack", "4", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    payload = json.loads((out / "ruler.json").read_text())
+    haystacks = {r["task"]: r["haystacks"] for r in payload["results"]}
+    assert haystacks == {"niah_single_1": 4, "niah_multikey_2": 1}
+    assert payload["settings"]["questions_per_haystack"] == 4
+    reused = [r for r in payload["results"] if r["task"] == "niah_multikey_2"][0]
+    assert reused["prompt_tokens_per_s"] > 2 * reused["prefill_tokens_per_s"]
+
+
+NIAH_STEPS = 1000  # 3 layers, batch 32, one-cycle lr 1e-3: 100 and 90 at 190 and 195 tokens on both legs (700 steps: 100 and 70); ~80 s training
+
+
+def test_model_trained_to_retrieve_solves_niah_and_untrained_model_does_not():
+    """Through RULER's own prompts and scoring: a tiny Llama trained on ``niah_single_1``
+    prompts (seeds ``train/<i>``) answers new ones (seeds ``1/<i>``), its untrained twin
+    none."""
+    from longlora_plugin.evaluation.models import from_loaded
+
+    torch.set_num_threads(1)
+    tok = niah_tokenizer()
+    data = NiahData(tok, range(175, 196, 5))
+    model, untrained = train_copier(tok, data.sample, steps=NIAH_STEPS, lr=1e-3, layers=3)
+    payload = run(
+        [
+            from_loaded("trained", model, tok, original_length=256),
+            from_loaded("untrained", untrained, tok, original_length=256),
+        ],
+        lengths=[190, 195],
+        tasks=["niah_single_1"],
+        samples=10,
+        seed=1,
+        progress=False,
+    )
+    scores: dict[str, list[float]] = {}
+    for row in payload["results"]:
+        scores.setdefault(row["model"], []).append(row["score"])
+    assert len(scores["trained"]) == len(scores["untrained"]) == 2  # no cell skipped
+    assert sum(scores["trained"]) / 2 >= 80, payload["samples"]
+    assert scores["untrained"] == [0.0, 0.0], payload["samples"]
+
+
+def test_shortest_length_is_the_first_that_builds(tokenizer):
+    shortest = ruler.shortest_length("niah_single_1", tokenizer)
+    assert shortest is not None and shortest > 128  # the answer budget alone is 128
+    ruler.build_sample("niah_single_1", tokenizer, shortest, "shortest")
+    with pytest.raises(ValueError, match="the task without haystack takes"):
+        ruler.build_sample("niah_single_1", tokenizer, shortest - 1, "shortest")
+    assert ruler.shortest_length("niah_single_1", tokenizer, limit=shortest - 1) is None

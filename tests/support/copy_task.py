@@ -6,14 +6,17 @@ across spaces (byte-level without the word-splitting regex) with one token per d
 so long filler becomes few tokens and a prompt of ~100 tokens holds a real haystack.
 :func:`train_copier` trains a 2-layer Llama with plain torch on ``(ids, labels)`` rows
 (labels only on the answer) and returns it with its untrained twin (same init).
+:func:`niah_tokenizer` and :class:`NiahData` do the same for RULER's ``niah_single_1``.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from longlora_plugin.evaluation.loss import IGNORE_INDEX
 
@@ -71,16 +74,18 @@ def train_copier(
     batch_size: int = 32,
     max_positions: int = 256,
     lr: float = 5e-3,
+    layers: int = 2,
 ):
-    """``(trained, untrained)`` tiny Llamas with the same init; the trained one has seen
-    ``steps`` batches of ``sample(rng)`` rows (one-cycle lr)."""
+    """``(trained, untrained)`` tiny Llamas (hidden size 64, ``layers`` layers) with the
+    same init; the trained one has seen ``steps`` batches of ``sample(rng)`` rows
+    (one-cycle lr; the loss is computed on the labelled positions only)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=max_positions,
@@ -101,9 +106,64 @@ def train_copier(
     rng = random.Random(0)
     for _ in range(steps):
         ids, labels, mask = batch(tokenizer, [sample(rng) for _ in range(batch_size)])
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        target = labels[:, 1:]
+        keep = target != IGNORE_INDEX
+        loss = F.cross_entropy(model.lm_head(hidden[:, :-1][keep]), target[keep])
         optim.zero_grad()
         loss.backward()
         optim.step()
         schedule.step()
     return model.eval(), untrained
+
+
+def niah_tokenizer(vocab_size: int = 2000):
+    """:func:`copy_tokenizer` over the text of a RULER ``niah_single_1`` sample (cut into
+    lines and at its key and value) and wonderwords' adjectives and nouns (RULER's keys):
+    the template and a noise line are one token each, a key about 7 tokens."""
+    from longlora_plugin.evaluation import ruler
+
+    byte_level = copy_tokenizer([], vocab_size=300)
+    sample = ruler.build_sample("niah_single_1", byte_level, 1200, "vocab")
+    text = byte_level.decode(sample.input_ids, skip_special_tokens=True)
+    key = re.search(r"for (\S+) is: ", text).group(1)
+    pieces = {
+        line
+        for part in re.split(f"{re.escape(key)}|{sample.references[0]}", text)
+        for line in part.splitlines(keepends=True)
+    }
+    words = ruler._wordlist("adjectivelist.txt") + ruler._wordlist("nounlist.txt")
+    return copy_tokenizer(sorted(pieces) * 50 + list(words), vocab_size=vocab_size)
+
+
+class NiahData:
+    """Training rows for RULER's ``niah_single_1``: prompts built by ``ruler.build_sample``
+    (``prompts`` seeds ``train/<i>``, lengths drawn from ``lengths``) with their 7 value
+    digits (single tokens, nowhere else in the prompt) redrawn for every row, followed by
+    the answer `` <value></s>``, labels on the answer only."""
+
+    def __init__(self, tok, lengths: Sequence[int], prompts: int = 300):
+        from longlora_plugin.evaluation import ruler
+
+        self.tok = tok
+        self.digits = [tok.convert_tokens_to_ids(str(d)) for d in range(10)]
+        self.prompts: list[tuple[list[int], list[int]]] = []
+        for i in range(prompts):
+            length = random.Random(i).choice(lengths)
+            try:
+                ids = ruler.build_sample("niah_single_1", tok, length, f"train/{i}").input_ids
+            except ValueError:  # a long key: no room for this length
+                continue
+            positions = [j for j, t in enumerate(ids) if t in self.digits]
+            assert len(positions) == 7, positions
+            self.prompts.append((ids, positions))
+        self.space = tok(" ", add_special_tokens=False)["input_ids"]
+
+    def sample(self, rng: random.Random) -> tuple[list[int], list[int]]:
+        ids, positions = rng.choice(self.prompts)
+        ids = list(ids)
+        value = [rng.choice(self.digits) for _ in positions]
+        for pos, digit in zip(positions, value, strict=True):
+            ids[pos] = digit
+        answer = [*self.space, *value, self.tok.eos_token_id]
+        return ids + answer, [IGNORE_INDEX] * len(ids) + answer
