@@ -91,6 +91,42 @@ class ContextParallel:
         }
 
 
+def context_parallel_groups(size: int) -> tuple[ContextParallel, Any]:
+    """Split the default process group into context-parallel groups of ``size``
+    consecutive ranks, crossed with data-parallel groups (the ranks at the same place in
+    every CP group). Every rank must call it (``new_group`` is collective). Returns this
+    rank's :class:`ContextParallel` and its data-parallel group."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if size < 1 or world % size:
+        raise ValueError(
+            f"context-parallel size {size} must be >= 1 and divide the {world} processes"
+        )
+    mine_cp = mine_dp = None
+    for first in range(0, world, size):
+        group = dist.new_group(list(range(first, first + size)))
+        if first <= rank < first + size:
+            mine_cp = group
+    for offset in range(size):
+        group = dist.new_group(list(range(offset, world, size)))
+        if rank % size == offset:
+            mine_dp = group
+    return ContextParallel(mine_cp), mine_dp
+
+
+def reduce_gradients(parameters, cp: ContextParallel, data_parallel: Any = None) -> None:
+    """After ``backward`` on this rank's chunk (loss normalised by the whole row's token
+    count, ``num_items_in_batch``): sum the gradients over the context-parallel group,
+    which gives the row's gradient, then average them over ``data_parallel`` replicas."""
+    replicas = dist.get_world_size(data_parallel) if data_parallel is not None else 1
+    for param in parameters:
+        if param.grad is None:
+            continue
+        dist.all_reduce(param.grad, group=cp.group)
+        if replicas > 1:
+            dist.all_reduce(param.grad, group=data_parallel)
+            param.grad /= replicas
+
+
 @dataclass(frozen=True)
 class Plan:
     """Who needs what in one forward pass. ``needs[h][r]``: halo tokens rank ``r``

@@ -163,3 +163,31 @@ def test_shard_needs_rows_that_split_evenly():
         ValueError, match="row length 9 is not a multiple of the context-parallel size 2"
     ):
         Two().shard({"input_ids": torch.arange(9)[None]})
+
+
+@pytest.mark.parametrize(("world", "cp"), [(2, 2), (4, 4), (4, 2)], ids=["P2", "P4", "DP2xP2"])
+def test_longlora_training_split_over_ranks_equals_one_process(
+    tiny_llama, text_dataset, tmp_path, world, cp
+):
+    """A few LongLoRA steps (LoRA + embeddings and norms, RoPE x4, S2 G=64 on 256-token
+    rows) with each row split over ``cp`` processes, crossed with ``world / cp``
+    data-parallel replicas: the same losses and trained parameters as one process."""
+    run_module(
+        "tests.support.cp_train",
+        str(tiny_llama),
+        str(text_dataset),
+        str(tmp_path),
+        "--cp",
+        str(cp),
+        log=tmp_path / "run.log",
+        ranks=world,
+    )
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    for record in records:
+        assert record["attn_implementation"] == f"longlora_s2_sdpa_g64_cp{cp}"
+        split, single = record["losses"]["split"], record["losses"]["single"]
+        assert len(split) == 3 and split[0] > 1.0
+        assert split == pytest.approx(single, abs=TOLERANCE), record
+        assert split[-1] < split[0]  # it trains
+        assert record["param_diff"] <= 1e-4, record
+    assert max(r["sent_bytes_max"] for r in records) > 0
