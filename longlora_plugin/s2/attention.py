@@ -35,11 +35,13 @@ def s2_attention(
     if kernel.kind == "varlen":
         return _run_varlen(kernel, query, key, value, layout, scaling, dropout, window)
     outputs = []
-    for (first, last), half in zip(_halves(query.shape[1]), range(2), strict=True):
+    for (first, last), half in zip(head_halves(query.shape[1]), range(2), strict=True):
         if first == last:
             continue
         q = query[:, first:last]
-        k, v = (_kv_for_heads(x, first, last, _n_rep(query, key), dim=1) for x in (key, value))
+        k, v = (
+            kv_for_heads(x, first, last, queries_per_kv(query, key), dim=1) for x in (key, value)
+        )
         if layout.pieces is not None:
             out = _run_pieces(kernel, q, k, v, layout.pieces[half], scaling, dropout, window)
         else:
@@ -48,16 +50,16 @@ def s2_attention(
     return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
 
 
-def _halves(heads: int) -> tuple[tuple[int, int], tuple[int, int]]:
+def head_halves(heads: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """Query-head ranges ``[first, last)`` of the unshifted and the shifted half."""
     return (0, heads // 2), (heads // 2, heads)
 
 
-def _n_rep(query: torch.Tensor, key: torch.Tensor) -> int:
+def queries_per_kv(query: torch.Tensor, key: torch.Tensor) -> int:
     return query.shape[1] // key.shape[1]
 
 
-def _kv_for_heads(states: torch.Tensor, first: int, last: int, n_rep: int, dim: int):
+def kv_for_heads(states: torch.Tensor, first: int, last: int, n_rep: int, dim: int):
     """Key/value heads (along ``dim``) serving query heads ``[first, last)``; when the
     half splits a GQA group, one kv head per query head."""
     if first % n_rep == 0 and last % n_rep == 0:
@@ -129,10 +131,10 @@ def _run_varlen(kernel, query, key, value, layout: Layout, scaling, dropout, win
         qf, kf, vf = (x.index_select(0, layout.token_index) for x in (qf, kf, vf))
     if layout.num_tokens == 0:  # every token is padding
         return query.new_zeros(batch, length, heads, dim) + _zero_from(qf, kf, vf)
-    n_rep = _n_rep(query, key)
+    n_rep = queries_per_kv(query, key)
     parts = [
-        (qf[:, first:last], *(_kv_for_heads(x, first, last, n_rep, dim=1) for x in (kf, vf)))
-        for first, last in _halves(heads)
+        (qf[:, first:last], *(kv_for_heads(x, first, last, n_rep, dim=1) for x in (kf, vf)))
+        for first, last in head_halves(heads)
         if first < last
     ]
     segments = layout.segments

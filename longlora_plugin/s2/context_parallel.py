@@ -29,6 +29,7 @@ this path does not do (evaluate the model on one process).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,9 +37,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from longlora_plugin.s2.attention import _halves, _kv_for_heads, _n_rep, s2_attention
+from longlora_plugin.s2.attention import head_halves, kv_for_heads, queries_per_kv, s2_attention
 from longlora_plugin.s2.kernels import Kernel
-from longlora_plugin.s2.layout import KernelKind, Layout, build_layout, document_starts
+from longlora_plugin.s2.layout import KernelKind, Layout, build_layout, segment_starts
 
 
 @dataclass
@@ -196,11 +197,7 @@ def halo_needs(
     segment (the maximum over rows; 0 when that token is padding), capped at
     ``window - 1``."""
     batch, length = positions.shape
-    group = torch.div(positions + shift, group_size, rounding_mode="floor")
-    boundary = document_starts(positions)
-    boundary[:, 1:] |= group[:, 1:] != group[:, :-1]
-    if valid is not None:
-        boundary[:, 1:] |= valid[:, 1:] != valid[:, :-1]
+    boundary = segment_starts(positions, valid, group_size, shift)
     index = torch.arange(length, device=positions.device).expand(batch, length)
     segment_start = torch.cummax(torch.where(boundary, index, 0), dim=1).values
     firsts = torch.arange(0, length, chunk, device=positions.device)
@@ -269,7 +266,7 @@ def exchange_halos(
                 shape = (x.shape[0], x.shape[1], count, x.shape[3])
                 expect[src].append((half, shape))
     send_sizes = [sum(p.numel() for p in dest) for dest in pieces]
-    recv_sizes = [sum(_numel(s) for _, s in src) for src in expect]
+    recv_sizes = [sum(math.prod(s) for _, s in src) for src in expect]
     reference = next(kv[0] for kv in halves if kv is not None)
     cp.sent_bytes.append(sum(send_sizes) * reference.element_size())
     halos: list[list[list[torch.Tensor]]] = [[[], []] for _ in halves]
@@ -282,7 +279,7 @@ def exchange_halos(
     offset = 0
     for src in expect:
         for n, (half, shape) in enumerate(src):
-            size = _numel(shape)
+            size = math.prod(shape)
             halos[half][n % 2].append(received[offset : offset + size].view(shape))
             offset += size
     out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
@@ -297,13 +294,6 @@ def exchange_halos(
             )
         )
     return out
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def s2_attention_cp(
@@ -323,12 +313,12 @@ def s2_attention_cp(
     D]`` -> ``[B, C, H, D]``), equal to the chunk's rows of single-process S2."""
     if half_dtype is not None and query.dtype != half_dtype:
         query, key, value = (x.to(half_dtype) for x in (query, key, value))
-    n_rep = _n_rep(query, key)
-    ranges = _halves(query.shape[1])
+    n_rep = queries_per_kv(query, key)
+    ranges = head_halves(query.shape[1])
     halves = [
         None
         if first == last
-        else tuple(_kv_for_heads(x, first, last, n_rep, dim=1) for x in (key, value))
+        else tuple(kv_for_heads(x, first, last, n_rep, dim=1) for x in (key, value))
         for first, last in ranges
     ]
     halos = exchange_halos(cp, plan, halves)

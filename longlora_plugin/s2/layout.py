@@ -167,6 +167,20 @@ def _regular(position_ids: torch.Tensor) -> bool:
     return bool(continuous & aligned)
 
 
+def segment_starts(
+    position_ids: torch.Tensor, valid: torch.Tensor | None, group_size: int, shift: int
+) -> torch.Tensor:
+    """``[B, L]`` bool: True where a segment (or a run of padding) starts, for the heads
+    whose groups are ``(p + shift) // G``: a new document, a new group, or a change
+    between real tokens and padding."""
+    group = torch.div(position_ids + shift, group_size, rounding_mode="floor")
+    boundary = document_starts(position_ids)
+    boundary[:, 1:] |= group[:, 1:] != group[:, :-1]
+    if valid is not None:
+        boundary[:, 1:] |= valid[:, 1:] != valid[:, :-1]
+    return boundary
+
+
 def _segments(
     position_ids: torch.Tensor,
     valid: torch.Tensor | None,
@@ -180,11 +194,7 @@ def _segments(
     Padding tokens (``valid`` False) belong to no segment: never attended, never queried.
     """
     batch, length = position_ids.shape
-    group = torch.div(position_ids + shift, group_size, rounding_mode="floor")
-    boundary = document_starts(position_ids)
-    boundary[:, 1:] |= group[:, 1:] != group[:, :-1]
-    if valid is not None:
-        boundary[:, 1:] |= valid[:, 1:] != valid[:, :-1]
+    boundary = segment_starts(position_ids, valid, group_size, shift)
     starts = boundary.reshape(-1).nonzero().squeeze(1)
     ends = torch.cat([starts[1:], starts.new_tensor([batch * length])])
     lengths = ends - starts

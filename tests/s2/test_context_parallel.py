@@ -79,7 +79,7 @@ def _needs(positions: torch.Tensor, valid: torch.Tensor, group: int, shift: int,
 
 def _kv_heads(heads: int, kv_heads: int) -> tuple[int, int]:
     """Key/value heads sent for each half: whole kv heads when the half boundary falls
-    on a GQA group boundary, else one per query head (as ``_kv_for_heads``)."""
+    on a GQA group boundary, else one per query head (as ``kv_for_heads``)."""
     rep, half = heads // kv_heads, heads // 2
     if half % rep == 0:
         return half // rep, (heads - half) // rep
