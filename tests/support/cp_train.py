@@ -57,9 +57,9 @@ def main() -> None:
         for name, m in runs.items()
     }
     losses: dict[str, list[float]] = {"split": [], "single": []}
-    for step in range(args.steps):
-        batch = rows[:replicas]  # the same rows every step: the loss must fall
-        count = torch.tensor(SEQUENCE_LEN - 1)  # tokens scored per row
+    batch = rows[:replicas]  # the same rows at every step: the loss must fall
+    count = torch.tensor(SEQUENCE_LEN - 1)  # tokens scored per row
+    for _ in range(args.steps):
         for m in runs.values():
             m.train()
         # single process: every replica's row, each as its own mean, averaged
