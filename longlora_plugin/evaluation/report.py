@@ -286,6 +286,11 @@ def ruler_table(payload: dict[str, Any]) -> str:
                 f"{s['relative_threshold']:.1f} = {settings['relative']:g} x its own "
                 f"{s['score_at_original']:.1f} at {s['original_length_tested']}"
             )
+        elif s["score_at_original"] == 0:
+            line += (
+                f"; relative rule: does not apply (it averages 0 at its original "
+                f"{s['original_length_tested']})"
+            )
         else:
             line += "; relative rule: no length within its original context tested"
         lines.append(line)

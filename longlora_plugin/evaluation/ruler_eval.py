@@ -10,7 +10,8 @@ Definitions, as in RULER (github.com/hsiehjackson/RULER):
 * the **effective length** is the longest tested length up to which every tested length
   averages at least the threshold. RULER's threshold is Llama-2-7B's average at 4k,
   85.6 (``--threshold``); the relative rule takes a fraction (``--relative``, 0.9) of the
-  model's own average at its original context (the longest tested length within it);
+  model's own average at its original context (the longest tested length within it),
+  and does not apply to a model that averages 0 there;
 * the **regression line** sets each model's average at its original context next to the
   base model's at the same length (the first model of kind ``model``): extending the
   context must not cost short-context quality.
@@ -162,13 +163,13 @@ def summarize(
         average = averages(results, info["name"])
         at = reference_length(average, info.get("original_length"))
         own = average.get(at) if at is not None else None
+        # a model that scores 0 at its own context has nothing to be relative to
+        rule = relative * own if own else None
         summary[info["name"]] = {
             "average": average,
             "effective_length": effective_length(average, threshold),
-            "relative_threshold": None if own is None else relative * own,
-            "relative_effective_length": (
-                None if own is None else effective_length(average, relative * own)
-            ),
+            "relative_threshold": rule,
+            "relative_effective_length": None if rule is None else effective_length(average, rule),
             "original_length_tested": at,
             "score_at_original": own,
             "base_score_at_original": base_average.get(at) if at is not None else None,

@@ -133,6 +133,11 @@ def test_effective_length_and_regression_line():
     assert summary["longlora"]["base_score_at_original"] == 75.0
     assert summary["longlora"]["relative_threshold"] == pytest.approx(63.0)
     assert summary["longlora"]["relative_effective_length"] == 4096  # 65 >= 63
+    zero = [{**r, "score": 0.0} for r in results if r["model"] == "longlora"]
+    summary = summarize(models, [r for r in results if r["model"] == "base"] + zero, 85.6, 0.9)
+    assert summary["longlora"]["score_at_original"] == 0.0  # 0 at its own context:
+    assert summary["longlora"]["relative_threshold"] is None  # no relative rule
+    assert summary["longlora"]["relative_effective_length"] is None
 
 
 def test_cli_writes_json_table_and_heatmap(tiny_llama: Path, tmp_path, capsys):
