@@ -105,6 +105,17 @@ def training_summary(log: Path) -> dict:
     return summary
 
 
+def model_specs(model_dir: Path = MODEL_DIR, adapter_dir: Path = ADAPTER_DIR) -> dict:
+    """The page's three models by name: base, interpolation x2 only, LongLoRA 16k."""
+    from longlora_plugin.evaluation.models import ModelSpec, RopeOverride
+
+    return {
+        "base": ModelSpec("base", str(model_dir)),
+        "interp-x2": ModelSpec("interp-x2", str(model_dir), RopeOverride("linear", 2.0)),
+        "longlora-16k": ModelSpec("longlora-16k", str(adapter_dir)),
+    }
+
+
 def plot(payload: dict, blocks: dict, path: Path) -> Path:
     from longlora_plugin.evaluation.report import pyplot
 
@@ -156,7 +167,7 @@ def plot(payload: dict, blocks: dict, path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     from demo.corpora import austen_novels
     from longlora_plugin.evaluation import runner
-    from longlora_plugin.evaluation.models import ModelSpec, RopeOverride, load_eval_model
+    from longlora_plugin.evaluation.models import load_eval_model
     from longlora_plugin.evaluation.report import ppl_table
     from longlora_plugin.evaluation.texts import load_texts
 
@@ -184,11 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     longest = lengths[-1]
     emma = austen_novels()["emma"]
     docs = load_texts(str(emma))
-    available = {
-        "base": ModelSpec("base", str(args.model_dir)),
-        "interp-x2": ModelSpec("interp-x2", str(args.model_dir), RopeOverride("linear", 2.0)),
-        "longlora-16k": ModelSpec("longlora-16k", str(args.adapter_dir)),
-    }
+    available = model_specs(args.model_dir, args.adapter_dir)
     specs = [available[name] for name in args.models.split(",")]
 
     payloads, blocks, wall = [], {}, {}

@@ -39,23 +39,12 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL_DIR = REPO / "outputs" / "smollm2-135m-instruct"
-ADAPTER_DIR = REPO / "outputs" / "smollm2-135m-16k-cpu"
+from benchmarks.smollm2_eval import ADAPTER_DIR, MODEL_DIR, REPO, model_specs
+
 PARTS = REPO / "outputs" / "smollm2-ruler"
 RESULT = REPO / "benchmarks" / "results" / "smollm2-135m-ruler-cpu.json"
 PLOT = REPO / "docs" / "img" / "smollm2-ruler.png"
 MODELS = ("base", "interp-x2", "longlora-16k")
-
-
-def spec(name: str, model_dir: Path, adapter_dir: Path):
-    from longlora_plugin.evaluation.models import ModelSpec, RopeOverride
-
-    if name == "base":
-        return ModelSpec("base", str(model_dir))
-    if name == "interp-x2":
-        return ModelSpec("interp-x2", str(model_dir), RopeOverride("linear", 2.0))
-    return ModelSpec("longlora-16k", str(adapter_dir))
 
 
 def evaluate(args: argparse.Namespace) -> Path:
@@ -68,7 +57,7 @@ def evaluate(args: argparse.Namespace) -> Path:
     emma = austen_novels()["emma"]
     essay = ruler.sentences(emma.read_text(encoding="utf-8"))
     item = load_eval_model(
-        spec(args.model, args.model_dir, args.adapter_dir), dtype="float32", device="cpu"
+        model_specs(args.model_dir, args.adapter_dir)[args.model], dtype="float32", device="cpu"
     )
     started = time.perf_counter()
     parts = []

@@ -265,9 +265,7 @@ def _run_ppl(args: argparse.Namespace) -> int:
         data=str(args.data),
         progress=not args.no_progress,
     )
-    paths = runner.save(payload, args.out)
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
+    return _save(payload, args.out)
 
 
 def _run_passkey(args: argparse.Namespace) -> int:
@@ -286,9 +284,7 @@ def _run_passkey(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
     )
-    paths = runner.save(payload, args.out)
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
+    return _save(payload, args.out)
 
 
 def _run_ruler(args: argparse.Namespace) -> int:
@@ -324,6 +320,13 @@ def _run_ruler(args: argparse.Namespace) -> int:
         relative=args.relative,
         progress=not args.no_progress,
     )
-    paths = runner.save(payload, args.out)
+    return _save(payload, args.out)
+
+
+def _save(payload: dict, out: str) -> int:
+    """Write a run's JSON, table and plot into ``out``, say where; exit code 0."""
+    from longlora_plugin.evaluation import runner
+
+    paths = runner.save(payload, out)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
