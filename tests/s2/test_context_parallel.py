@@ -48,6 +48,14 @@ def test_nothing_leaks_backwards_across_ranks(ranks):
     assert max(leak["later"] for leak in leaks) > 0.1  # the perturbation does reach the model
 
 
+def test_micro_batches_of_different_lengths_are_gathered_padded_at_the_end(ranks):
+    size, records = ranks
+    longest = 10 + 3 * (size - 1)
+    target = -(-longest // size) * size
+    for record in records:
+        assert record["gathered"] == {"lengths": [target] * size, "kept": True, "padded": True}
+
+
 def test_eval_mode_is_refused_with_a_reason(ranks):
     _, records = ranks
     case = next(c for c in records[0]["cases"] if "leak_diff" in c)
@@ -159,6 +167,7 @@ def test_shard_needs_rows_that_split_evenly():
     assert local["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
     assert local["position_ids"].tolist() == [[5, 6, 7, 8, 9]]
     assert local["shift_labels"].tolist() == [[6, 7, 8, 9, -100]]
+    assert local["labels"].tolist() == [[5, 6, 7, 8, 9]]  # what token counters read
     with pytest.raises(
         ValueError, match="row length 9 is not a multiple of the context-parallel size 2"
     ):

@@ -7,7 +7,8 @@ and S2 split over the ranks (``enable_s2_attn(..., context_parallel=cp)`` with b
 from ``cp.shard``). It compares the loss (summed over ranks), this rank's logits and every
 parameter gradient (summed over ranks), records the bytes each attention call sent, and
 runs the leak check: perturbing tokens from ``j`` on leaves every output before ``j``
-unchanged. Writes ``OUT/rank<r>.json``.
+unchanged. It also gathers micro-batches of different lengths (``gather_rows``).
+Writes ``OUT/rank<r>.json``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from longlora_plugin import enable_s2_attn
-from longlora_plugin.s2.context_parallel import ContextParallel
+from longlora_plugin.s2.context_parallel import ContextParallel, gather_rows
 from tests.support.s2_models import configs
 
 LENGTH = 48
@@ -128,6 +129,33 @@ def leak(split, batch: dict[str, torch.Tensor], cp: ContextParallel, before: tor
     }
 
 
+def gathered_rows(cp: ContextParallel) -> dict:
+    """``gather_rows`` on micro-batches whose length differs by rank (10 + 3r tokens):
+    each rank's rows come back first-to-last, padded at the end to the longest length
+    rounded up to a multiple of P."""
+
+    def batch_of(rank: int) -> dict[str, torch.Tensor]:
+        ids = torch.arange(10 + 3 * rank)[None].repeat(2, 1) + 100 * rank
+        return {
+            "input_ids": ids,
+            "labels": ids + 1,
+            "attention_mask": torch.ones_like(ids),
+            "position_ids": torch.arange(ids.shape[1])[None].repeat(2, 1),
+        }
+
+    rows = gather_rows(batch_of(cp.rank), cp)
+    kept = padded = True
+    for j, row in enumerate(rows):
+        mine = batch_of(j)
+        n = mine["input_ids"].shape[1]
+        kept &= all(torch.equal(row[k][:, :n], v) for k, v in mine.items())
+        padded &= bool((row["labels"][:, n:] == -100).all())
+        padded &= bool((row["attention_mask"][:, n:] == 0).all())
+        length = row["input_ids"].shape[1]
+        padded &= torch.equal(row["position_ids"][0], torch.arange(length))
+    return {"lengths": [r["input_ids"].shape[1] for r in rows], "kept": kept, "padded": padded}
+
+
 def main(out: str, only: str = "") -> int:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     torch.set_num_threads(1)
@@ -140,7 +168,8 @@ def main(out: str, only: str = "") -> int:
         if not only or only == f"{arch}/{layout}/{group}"
     ]
     path = Path(out) / f"rank{cp.rank}.json"
-    path.write_text(json.dumps({"size": cp.size, "cases": records}, indent=1))
+    payload = {"size": cp.size, "cases": records, "gathered": gathered_rows(cp)}
+    path.write_text(json.dumps(payload, indent=1))
     dist.destroy_process_group()
     return 0
 
