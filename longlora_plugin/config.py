@@ -242,6 +242,15 @@ class LongLoRAConfig(BaseModel):
             f"{DEFAULT_GROUP_SIZE_RATIO} when neither group_size nor group_size_ratio is set."
         ),
     )
+    context_parallel: PositiveInt = Field(
+        default=1,
+        description=(
+            "S2-Attn context parallelism: split each row over this many processes, which "
+            "exchange only the keys and values of S2 groups crossing a chunk boundary "
+            "(docs/s2-attn.md). 1: off. It must divide the number of processes; DDP or "
+            "DeepSpeed ZeRO averages over the context-parallel groups. Needs s2_attn."
+        ),
+    )
     trainable_params: TrainableKinds = Field(
         default_factory=lambda: ["embed", "norm"],
         description=(

@@ -3,6 +3,7 @@ refused, each with a message naming the key, the value and what is allowed."""
 
 from __future__ import annotations
 
+import os
 from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
 from pathlib import Path
@@ -71,6 +72,8 @@ def check_combinations(cfg: Any, settings: LongLoRAConfig, sequence_len: int) ->
             "does not hold the whole model; remove every_n_steps (the evaluation at the "
             "end, or `longlora eval`, still works) or use DDP/ZeRO-2"
         )
+    if settings.context_parallel > 1:
+        _check_context_parallel(cfg, settings, fsdp)
     impl, key = attention_implementation(cfg)
     if settings.s2_attn and impl is not None:
         backends = SUPPORTED_BACKENDS
@@ -79,6 +82,56 @@ def check_combinations(cfg: Any, settings: LongLoRAConfig, sequence_len: int) ->
                 f"{key}={cfg.get(key)!r}: longlora.s2_attn wraps only {', '.join(backends)}; "
                 "change attn_implementation or set longlora.s2_attn: false"
             )
+
+
+def _check_context_parallel(cfg: Any, settings: LongLoRAConfig, fsdp: int | None) -> None:
+    """``longlora.context_parallel > 1``: S2-Attn on, a process count it divides, data
+    parallelism by DDP or DeepSpeed (not FSDP), not with Axolotl's ring attention."""
+    size = settings.context_parallel
+    key = f"longlora.context_parallel={size}"
+    if not settings.s2_attn:
+        raise LongLoRAConfigError(
+            f"{key} with longlora.s2_attn: false: context parallelism splits S2-Attn's "
+            "groups over processes; turn s2_attn on or set context_parallel: 1"
+        )
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:  # one process may be merge-lora or preprocess: checked at training
+        check_context_parallel_world(size, world)
+    theirs = cfg.get("context_parallel_size") or cfg.get("sequence_parallel_degree")
+    if theirs and int(theirs) > 1:
+        raise LongLoRAConfigError(
+            f"{key} with Axolotl's context_parallel_size={theirs}: Axolotl's is ring "
+            "(full) attention over flash-attn; use one of them, not both"
+        )
+    if fsdp:
+        raise LongLoRAConfigError(
+            f"{key} with FSDP (fsdp_config): the split training step accumulates "
+            "gradients through accelerate's no_sync, which is run and tested with DDP and "
+            "DeepSpeed ZeRO-3 only; use deepspeed: example_configs/deepspeed/zero3.json"
+        )
+    every = settings.eval.every_n_steps if settings.eval is not None else None
+    if every:
+        raise LongLoRAConfigError(
+            f"{key} with longlora.eval.every_n_steps={every}: the evaluation during "
+            "training has not been run with split rows; use val_set_size with eval_steps "
+            "(Axolotl's evaluation, whole rows per rank, tested), or evaluate after "
+            "training (`longlora eval`)"
+        )
+    if cfg.get("rl"):
+        raise LongLoRAConfigError(
+            f"{key} with rl={cfg.get('rl')!r}: only the language-modelling loss of "
+            "supervised training is split; remove one of them"
+        )
+
+
+def check_context_parallel_world(size: int, world: int) -> None:
+    """Raise unless ``longlora.context_parallel`` divides the run's process count."""
+    if world % size:
+        raise LongLoRAConfigError(
+            f"longlora.context_parallel={size} does not divide the {world} process(es) of "
+            "this run; allowed: a divisor of the process count (launch e.g. `axolotl train "
+            f"cfg.yml --launcher torchrun -- --nproc_per_node {size}`), or 1"
+        )
 
 
 def check_eval_data(settings: LongLoRAConfig) -> None:

@@ -14,6 +14,9 @@ Hook use (the same hooks in Axolotl 0.19 and 0.21):
 * ``pre_lora_load`` - seeds the LoRA initialisation with ``seed`` (0.19 does not).
 * ``post_model_load`` - dynamic NTK only: undoes Axolotl's raise of
   ``max_position_embeddings`` (dynamic NTK reads it as the pre-training length).
+* ``post_trainer_create`` - ``longlora.context_parallel > 1``: builds the context-parallel
+  process groups, re-enables S2-Attn with them and splits each row's training step over
+  them (:mod:`~longlora_plugin.axolotl.context_parallel`).
 * ``post_train`` (called twice by Axolotl) - switches back to the wrapped attention
   backend; idempotent. With ``longlora.eval`` it evaluates the trained model once, at
   the second call (after the model is saved), into ``<output_dir>/longlora_eval/``.
@@ -38,7 +41,12 @@ from longlora_plugin.axolotl.cfg import (
     run_rope,
     sequence_len,
 )
-from longlora_plugin.axolotl.checks import check_combinations, check_eval_data, require_flash_attn
+from longlora_plugin.axolotl.checks import (
+    check_combinations,
+    check_context_parallel_world,
+    check_eval_data,
+    require_flash_attn,
+)
 from longlora_plugin.axolotl.logs import ensure_log_visible, info
 from longlora_plugin.axolotl.merge import has_merge_hook, stage_merge_base
 from longlora_plugin.axolotl.modules_to_save import add_trainable_modules
@@ -228,6 +236,36 @@ class LongLoRAPlugin(BasePlugin):
         )
         if wanted and self._post_train_calls == 2:
             self._run_eval(cfg, model)
+
+    @_primary_only
+    def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
+        """``longlora.context_parallel > 1``: split each row over that many processes
+        (:mod:`~longlora_plugin.axolotl.context_parallel`)."""
+        if cfg.get("longlora") is None or not self._s2_on:
+            return
+        settings, _ = self._prepared(cfg)
+        size = settings.context_parallel
+        if size == 1:
+            return
+        import torch.distributed as dist
+
+        from longlora_plugin.axolotl.context_parallel import split_rows
+        from longlora_plugin.s2 import enable_s2_attn
+        from longlora_plugin.s2.context_parallel import context_parallel_groups
+
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        check_context_parallel_world(size, world)
+        cp, _ = context_parallel_groups(size)
+        group = settings.group_size_for(sequence_len(cfg))
+        enable_s2_attn(trainer.model, group_size=group, context_parallel=cp)
+        split_rows(trainer, cp)
+        info(
+            "longlora: S2-Attn context parallelism: each row split over %d processes "
+            "(%d data-parallel group%s)",
+            size,
+            world // size,
+            "s" * (world // size > 1),
+        )
 
     @_primary_only
     def add_callbacks_post_trainer(self, cfg: Any, trainer: Any) -> list:

@@ -425,6 +425,43 @@ def test_eval_during_training_needs_the_whole_model_on_the_main_process(cfg_for)
     )
 
 
+def test_context_parallel_refusals_name_the_conflict(cfg_for, monkeypatch):
+    """``longlora.context_parallel`` splits S2-Attn rows: refused without S2, with FSDP,
+    with Axolotl's ring attention, with RL, and on a process count it does not divide
+    (checked at ``register`` when the launcher sets ``WORLD_SIZE``; a single process may
+    be ``merge-lora`` of the run, so there it is checked when the trainer starts)."""
+    assert_error(cfg_for(longlora={"context_parallel": 0}), "longlora.context_parallel=0", ">= 1")
+    assert_error(
+        cfg_for(longlora={"context_parallel": 2, "s2_attn": False}),
+        "longlora.context_parallel=2 with longlora.s2_attn: false",
+    )
+    assert_error(
+        cfg_for(
+            longlora={"context_parallel": 2, "trainable_params": []},
+            fsdp_version=2,
+            fsdp_config={"reshard_after_forward": True},
+        ),
+        "longlora.context_parallel=2 with FSDP",
+        "DDP and DeepSpeed ZeRO-3",
+    )
+    assert_error(
+        cfg_for(longlora={"context_parallel": 2}, context_parallel_size=2),
+        "with Axolotl's context_parallel_size=2",
+    )
+    assert_error(
+        cfg_for(longlora={"context_parallel": 2, "eval": {"every_n_steps": 5}}),
+        "longlora.context_parallel=2 with longlora.eval.every_n_steps=5",
+        "val_set_size",
+    )
+    assert load(cfg_for(longlora={"context_parallel": 2})).longlora["context_parallel"] == 2
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    assert_error(
+        cfg_for(longlora={"context_parallel": 4}),
+        "longlora.context_parallel=4 does not divide the 6 process(es)",
+        "--nproc_per_node 4",
+    )
+
+
 def test_axolotl_fsdp2_adapter_save_still_loses_modules_to_save(tmp_path, tiny_model_factory):
     """Why the refusal above exists, on the installed Axolotl: its final FSDP2 LoRA save
     collects only ``lora_*`` tensors, and PEFT then fails on every ``modules_to_save``

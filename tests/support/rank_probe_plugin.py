@@ -4,10 +4,11 @@ plugin logs from rank 0 only).
 
 Each rank writes ``<output_dir>/rank_probe/rank<N>.json``: at its first optimizer step the
 S2-Attn state, the trainable embedding/norm copies, the distributed setup, the step it
-started from (a resumed run starts past 0), and the bytes this rank holds for parameters,
-gradients (at the optimizer step), optimizer master copies and moments; at the end of
-training the digest of every trained ``modules_to_save`` tensor, gathered in full under
-ZeRO-3 (identical on every rank when the ranks kept them in sync). Rank 0 also writes
+started from (a resumed run starts past 0), the token count of each forward pass of that
+step, and the bytes this rank holds for parameters, gradients (at the optimizer step),
+optimizer master copies and moments; at the end of training the digest of every trained
+``modules_to_save`` tensor, gathered in full under ZeRO-3 (identical on every rank when
+the ranks kept them in sync). Rank 0 also writes
 those tensors to ``rank_probe/trained_modules_to_save.safetensors``.
 
 With ``LONGLORA_PROBE_KILL_AFTER_SAVE=N`` every rank exits hard (``os._exit``) right after
@@ -88,8 +89,21 @@ class RankProbeCallback(TrainerCallback):
         inner.register_step_pre_hook(before_step)
         inner.register_step_post_hook(after_step)
 
+    def _hook_inputs(self, model: Any) -> None:
+        """Record the token count of every forward pass of the first step (a row split
+        over ``P`` context-parallel ranks: ``P`` passes of ``L / P`` tokens)."""
+        self.lengths: list[int] = []
+
+        def seen(module, args):
+            if not self.record:
+                self.lengths.append(int(args[0].shape[-1]))
+
+        model.get_input_embeddings().register_forward_pre_hook(seen)
+
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is not None and optimizer is not None:
+            if not hasattr(self, "lengths"):
+                self._hook_inputs(model)
             self._hook_optimizer(optimizer, model)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -117,6 +131,7 @@ class RankProbeCallback(TrainerCallback):
             "trainable_embed": [n for n in trainable if "embed_tokens.modules_to_save" in n],
             "trainable_norm": [n for n in trainable if "norm.modules_to_save" in n],
             "trainable_lora": len([n for n in trainable if "lora_" in n]),
+            "forward_lengths": self.lengths,
         }
         self._write()
 
