@@ -85,7 +85,7 @@ def build_report(
     context_parallel: int = 1,
 ) -> Report:
     """The :class:`Report` of a config Axolotl validated (``world`` GPUs of type ``gpu``;
-    ``context_parallel`` of them split each row, estimate only)."""
+    ``context_parallel`` of them split each row)."""
     from longlora_plugin.config import parse_longlora
 
     source = str(cfg.get("base_model_config") or cfg.get("base_model"))

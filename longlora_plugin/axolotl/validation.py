@@ -60,10 +60,11 @@ def validate(
     nodes: int = 1,
     gpu: str = "a100-80gb",
     local: bool = False,
-    context_parallel: int = 1,
+    context_parallel: int | None = None,
 ) -> Report:
     """Validate ``config_path`` as ``axolotl train`` would; raise :class:`ValidationFailed`.
-    ``context_parallel``: GPUs that split each row, for the memory estimate only."""
+    ``context_parallel``: GPUs that split each row in the memory estimate (a what-if;
+    default: the config's ``longlora.context_parallel``)."""
     import yaml
 
     path = Path(config_path)
@@ -75,7 +76,7 @@ def validate(
         raise ValidationFailed(f"{path} is not a YAML mapping of Axolotl keys")
     notes: list[str] = []
     world = max(1, gpus_per_node) * max(1, nodes)
-    if context_parallel < 1 or world % context_parallel:
+    if context_parallel is not None and (context_parallel < 1 or world % context_parallel):
         raise ValidationFailed(
             f"--context-parallel {context_parallel}: must be >= 1 and divide the "
             f"{world} GPUs (gpus per node x nodes)"
@@ -93,10 +94,24 @@ def validate(
         if not isinstance(err, ValueError):
             message = f"{type(err).__name__}: {message}"
         raise ValidationFailed(message) from err
-    if context_parallel > 1:
+    configured = int((cfg.get("longlora") or {}).get("context_parallel") or 1)
+    if world % configured:
+        raise ValidationFailed(
+            f"longlora.context_parallel={configured} does not divide the {world} GPUs "
+            "(gpus per node x nodes); allowed: a divisor of the process count, or 1"
+        )
+    if context_parallel is not None and context_parallel != configured:
         notes.append(
-            f"--context-parallel {context_parallel}: an estimate of S2-Attn context "
-            "parallelism (docs/s2-attn.md); axolotl train does not run it yet"
+            f"--context-parallel {context_parallel}: a what-if estimate (the config has "
+            f"longlora.context_parallel={configured}); set it in the config to train so"
+        )
+    else:
+        context_parallel = configured
+    if configured > 1:
+        notes.append(
+            f"longlora.context_parallel={configured}: each row split over {configured} GPUs "
+            "(docs/s2-attn.md); run by `axolotl train` on CPU processes (gloo) with DDP and "
+            "ZeRO-3 in the tests, not yet on GPUs (NCCL)"
         )
     return build_report(
         cfg, path, world=world, gpu=gpu, notes=notes, context_parallel=context_parallel

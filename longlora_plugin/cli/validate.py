@@ -41,10 +41,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--context-parallel",
         type=int,
-        default=1,
+        default=None,
         metavar="P",
         help="estimate memory with each row split over P GPUs (S2-Attn context "
-        "parallelism, docs/s2-attn.md); default 1",
+        "parallelism, docs/s2-attn.md); default: the config's longlora.context_parallel",
     )
     parser.add_argument(
         "--local",

@@ -116,6 +116,13 @@ EXPECTED = {
         "8 kv heads",
         "DeepSpeed ZeRO-3 with optimizer and parameter offload to CPU",
     ],
+    "llama2-70b-100k-cp8": [
+        "group size 25000, shift 12500",
+        "x 8 GPUs (1 context-parallel group of 8) = 8 sequences of 100000 tokens",
+        "each row split over 8 GPUs (12500 tokens each",
+        "note: longlora.context_parallel=8: each row split over 8 GPUs",
+        "-> fits",
+    ],
     "llama3-8b-64k": [
         "RoPE linear factor 8.0 (original 8192, target 65536)",
         "'rope_theta': 500000.0",
@@ -304,6 +311,6 @@ def test_context_parallel_estimate_fits_70b_at_100k(capsys, tmp_path):
     assert split == pytest.approx(whole / 8, abs=0.01)
     assert "(1 context-parallel group of 8) = 8 sequences of 102400 tokens" in out
     assert "each row split over 8 GPUs (12800 tokens each" in out
-    assert "axolotl train does not run it yet" in out
+    assert "--context-parallel 8: a what-if estimate (the config has" in out
     rc, _, err = run_cli(capsys, [str(path), "--model-config", fixture, "--context-parallel", "3"])
     assert rc == 1 and "--context-parallel 3: must be >= 1 and divide the 8 GPUs" in err
