@@ -614,8 +614,18 @@ def test_one_plugin_acts_whatever_the_spelling(cfg_for, plugins, monkeypatch):
 
 
 # ------------------------------------------------------------------ model hooks in-process
-def test_model_hooks_log_switch_and_restore(cfg_for, tiny_llama, caplog):
+def _built_model(cfg: Any, base: Path, attn_implementation: str | None = "sdpa"):
+    """The model Axolotl's loader builds from ``cfg`` (its ``model_config`` overrides)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base)
+    for key, value in cfg.overrides_of_model_config.items():
+        setattr(config, key, value)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    return AutoModelForCausalLM.from_pretrained(base, config=config, **kwargs)
+
+
+def test_model_hooks_log_switch_and_restore(cfg_for, tiny_llama, caplog):
 
     from longlora_plugin.plugin import LongLoRAPlugin
 
@@ -623,12 +633,7 @@ def test_model_hooks_log_switch_and_restore(cfg_for, tiny_llama, caplog):
     cfg = load(cfg_for(longlora={"group_size": 48}))
     plugin = _longlora_plugin()
     assert isinstance(plugin, LongLoRAPlugin)
-    config = AutoConfig.from_pretrained(tiny_llama)
-    for key, value in cfg.overrides_of_model_config.items():
-        setattr(config, key, value)
-    model = AutoModelForCausalLM.from_pretrained(
-        tiny_llama, config=config, attn_implementation="sdpa"
-    )
+    model = _built_model(cfg, tiny_llama)
 
     plugin.post_model_build(cfg, model)
     assert model.config._attn_implementation != "sdpa"
@@ -639,6 +644,24 @@ def test_model_hooks_log_switch_and_restore(cfg_for, tiny_llama, caplog):
     plugin.post_train(cfg, model)  # Axolotl calls it twice
     assert model.config._attn_implementation == "sdpa"
     assert caplog.text.count("S2-Attn off") == 1
+
+
+def test_context_parallel_on_one_process_fails_when_the_trainer_starts(cfg_for, tiny_llama):
+    """One process passes ``register`` (it may be ``merge-lora`` of the run); the
+    training hook then refuses, naming the key, the count and how to launch."""
+
+    from longlora_plugin.config import LongLoRAConfigError
+
+    cfg = load(cfg_for(longlora={"group_size": 48, "context_parallel": 2}))
+    plugin = _longlora_plugin()
+    model = _built_model(cfg, tiny_llama)
+    plugin.post_model_build(cfg, model)
+    with pytest.raises(LongLoRAConfigError) as info:
+        plugin.post_trainer_create(cfg, trainer=None)
+    message = str(info.value)
+    assert "longlora.context_parallel=2 does not divide the 1 process(es)" in message
+    assert "--nproc_per_node 2" in message
+    plugin.post_train(cfg, model)
 
 
 @pytest.fixture
@@ -658,16 +681,10 @@ def single_process_group():
 def test_post_train_unwraps_an_fsdp1_full_finetune_model(cfg_for, tiny_llama, single_process_group):
     """Axolotl hands post_train the trainer's model: FSDP1-wrapped in a full fine-tune."""
     from torch.distributed.fsdp import FullyShardedDataParallel
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = load(cfg_for(adapter=None, longlora={"group_size": 48}))
     plugin = _longlora_plugin()
-    config = AutoConfig.from_pretrained(tiny_llama)
-    for key, value in cfg.overrides_of_model_config.items():
-        setattr(config, key, value)
-    model = AutoModelForCausalLM.from_pretrained(
-        tiny_llama, config=config, attn_implementation="sdpa"
-    )
+    model = _built_model(cfg, tiny_llama)
     plugin.post_model_build(cfg, model)
     assert model.config._attn_implementation.startswith("longlora_s2_")
     wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"))
@@ -676,14 +693,10 @@ def test_post_train_unwraps_an_fsdp1_full_finetune_model(cfg_for, tiny_llama, si
 
 
 def test_dynamic_rope_keeps_original_max_positions(cfg_for, tiny_llama):
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = load(cfg_for(longlora={"s2_attn": False, "rope": {"type": "dynamic"}}))
     plugin = _longlora_plugin()
-    config = AutoConfig.from_pretrained(tiny_llama)
-    for key, value in cfg.overrides_of_model_config.items():
-        setattr(config, key, value)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, config=config)
+    model = _built_model(cfg, tiny_llama, attn_implementation=None)
     model.config.max_position_embeddings = 256  # what Axolotl's loader does after building
     plugin.post_model_load(cfg, model)
     assert model.config.max_position_embeddings == 64
