@@ -7,7 +7,7 @@ with ``axolotl train`` under ``torch.distributed.run`` (gloo; the CPU shims of
 ``tests/support/cpu_ranks_plugin.py``), in these pairs:
 
 * 2 ranks, DDP: whole rows vs ``context_parallel: 2``;
-* 2 ranks, DeepSpeed ZeRO-3: whole rows vs ``context_parallel: 2``;
+* 2 ranks, DeepSpeed ZeRO-2 and ZeRO-3: whole rows vs ``context_parallel: 2``;
 * the same two with 2 micro-batches of gradient accumulation;
 * 4 ranks, DDP: whole rows vs ``context_parallel: 4`` and vs ``context_parallel: 2``
   (two data-parallel groups);
@@ -16,7 +16,7 @@ and, as the noise floor, DDP vs ZeRO-3 on whole rows (the same computation, anot
 summation order). Per pair: the largest difference of the saved adapter tensors (LoRA,
 embeddings, norms) and the logged losses. Writes ``benchmarks/results/cp_axolotl_cpu.json``.
 
-    .venv/bin/python -m benchmarks.cp_axolotl_equality      # ~7 min on 2 cores
+    .venv/bin/python -m benchmarks.cp_axolotl_equality      # ~8 min on 2 cores
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ RUNS = {
     "ddp2-cp2": (2, 2, {}),
     "zero3-2": (2, 1, {"deepspeed": ZERO[3]}),
     "zero3-2-cp2": (2, 2, {"deepspeed": ZERO[3]}),
+    "zero2-2": (2, 1, {"deepspeed": ZERO[2]}),
+    "zero2-2-cp2": (2, 2, {"deepspeed": ZERO[2]}),
     "ddp2-ga2": (2, 1, {"gradient_accumulation_steps": 2}),
     "ddp2-ga2-cp2": (2, 2, {"gradient_accumulation_steps": 2}),
     "zero3-2-ga2": (2, 1, {"deepspeed": ZERO[3], "gradient_accumulation_steps": 2}),
@@ -54,6 +56,7 @@ PAIRS = [
     ("ddp2", "zero3-2"),  # noise floor: no splitting, another reduction order
     ("ddp2", "ddp2-cp2"),
     ("zero3-2", "zero3-2-cp2"),
+    ("zero2-2", "zero2-2-cp2"),
     ("ddp2-ga2", "ddp2-ga2-cp2"),
     ("zero3-2-ga2", "zero3-2-ga2-cp2"),
     ("ddp4", "ddp4-cp4"),
