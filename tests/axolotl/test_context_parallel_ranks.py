@@ -20,6 +20,10 @@ RANKS = 4
 SPLITS = {"whole": 1, "P4": 4, "DP2xP2": 2}
 # Axolotl's evaluation at step 2: whole rows per rank, full attention, also when split
 EVALUATE = {"val_set_size": 0.25, "eval_strategy": "steps", "eval_steps": 2}
+# One document per row, unpadded: the ranks of a group hold rows of different lengths,
+# which the split step pads to a common multiple of P (masked, not scored). Packed rows:
+# tests/axolotl/test_sharding.py.
+UNPACKED = {"sample_packing": False}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +37,7 @@ def runs(tmp_path_factory) -> dict[str, tuple[Path, str]]:
         run_dir = work / name
         run_dir.mkdir()
         block = {"context_parallel": size} if size > 1 else {}
-        cfg = lora_config(base, dataset, run_dir, longlora=block, **EVALUATE)
+        cfg = lora_config(base, dataset, run_dir, longlora=block, **EVALUATE, **UNPACKED)
         cfg_path = write_config(run_dir / "cfg.yml", cfg)
         env = environment(ACCELERATE_USE_CPU="true")
         done[name] = (run_dir / "out", axolotl("train", cfg_path, ranks=RANKS, env=env).stdout)
@@ -46,10 +50,11 @@ def _losses(log: str, key: str = "loss") -> list[str]:
 
 @pytest.mark.parametrize("name", ["P4", "DP2xP2"])
 def test_rows_split_over_four_ranks_train_what_whole_rows_train(runs, name):
-    """Every rank runs one ``256 / P``-token chunk of each of its group's ``P`` rows (its
-    forward passes show it); the logged losses and the trained adapter equal the
-    whole-row run (seen: 3.2e-7, fp32 summation order; 3 Adam steps at lr 1e-3 move
-    weights by ~3e-3)."""
+    """The ranks' rows differ in length; every rank runs one chunk of each of its
+    group's ``P`` rows, padded to the group's longest (its forward passes show it); the
+    logged losses, the evaluation loss and the trained adapter equal the whole-row
+    run's (adapters up to fp32 summation order; 3 Adam steps at lr 1e-3 move weights by
+    ~3e-3)."""
     size = SPLITS[name]
     whole, whole_log = runs["whole"]
     split, log = runs[name]
@@ -59,8 +64,12 @@ def test_rows_split_over_four_ranks_train_what_whole_rows_train(runs, name):
     assert [r["world_size"] for r in probe_records(split)] == [RANKS] * RANKS
     names = {r["attn_implementation"] for r in probe_records(split)}
     assert names == {f"longlora_s2_sdpa_g64_cp{size}"}
-    assert [r["forward_lengths"] for r in probe_records(whole)] == [[256]] * RANKS
-    chunks = [[256 // size] * size] * RANKS
+    lengths = [r["forward_lengths"] for r in probe_records(whole)]
+    assert all(len(seen) == 1 for seen in lengths) and len({seen[0] for seen in lengths}) > 1
+    chunks = []  # each rank: P chunks of the group's longest row, rounded up to P
+    for first in range(0, RANKS, size):
+        longest = max(seen[0] for seen in lengths[first : first + size])
+        chunks += [[-(-longest // size)] * size] * size
     assert [r["forward_lengths"] for r in probe_records(split)] == chunks
     assert _losses(log) == _losses(whole_log) and len(_losses(log)) == 3
     evaluated = _losses(log, "eval_loss")
