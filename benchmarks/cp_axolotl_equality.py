@@ -10,13 +10,14 @@ with ``axolotl train`` under ``torch.distributed.run`` (gloo; the CPU shims of
 * 2 ranks, DeepSpeed ZeRO-2 and ZeRO-3: whole rows vs ``context_parallel: 2``;
 * the same two with 2 micro-batches of gradient accumulation;
 * 4 ranks, DDP: whole rows vs ``context_parallel: 4`` and vs ``context_parallel: 2``
-  (two data-parallel groups);
+  (two data-parallel groups); and unpacked rows (one document each, so the ranks of a
+  group hold rows of different lengths, padded by the split step) vs ``context_parallel: 4``;
 
 and, as the noise floor, DDP vs ZeRO-3 on whole rows (the same computation, another
 summation order). Per pair: the largest difference of the saved adapter tensors (LoRA,
 embeddings, norms) and the logged losses. Writes ``benchmarks/results/cp_axolotl_cpu.json``.
 
-    .venv/bin/python -m benchmarks.cp_axolotl_equality      # ~8 min on 2 cores
+    .venv/bin/python -m benchmarks.cp_axolotl_equality      # ~10 min on 2 cores
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ RUNS = {
     "ddp4": (4, 1, {}),
     "ddp4-cp4": (4, 4, {}),
     "ddp4-cp2": (4, 2, {}),
+    "ddp4-unpacked": (4, 1, {"sample_packing": False}),
+    "ddp4-unpacked-cp4": (4, 4, {"sample_packing": False}),
 }
 PAIRS = [
     ("ddp2", "zero3-2"),  # noise floor: no splitting, another reduction order
@@ -61,6 +64,7 @@ PAIRS = [
     ("zero3-2-ga2", "zero3-2-ga2-cp2"),
     ("ddp4", "ddp4-cp4"),
     ("ddp4", "ddp4-cp2"),
+    ("ddp4-unpacked", "ddp4-unpacked-cp4"),
 ]
 
 
