@@ -65,8 +65,9 @@ def split_rows(trainer: Any, cp: ContextParallel) -> None:
     if getattr(trainer, "label_smoother", None) is not None:
         raise NotImplementedError(
             "longlora.context_parallel cannot combine with label smoothing "
-            "(label_smoothing_factor): the smoother shifts labels that are already shifted "
-            "over the whole row"
+            "(label_smoothing_factor): the smoother shifts the labels inside each chunk, so "
+            "a chunk's last token would lose its target (the next chunk's first token); "
+            "set label_smoothing_factor: 0 or context_parallel: 1"
         )
     step = trainer.training_step
 
