@@ -664,6 +664,18 @@ def test_context_parallel_on_one_process_fails_when_the_trainer_starts(cfg_for, 
     plugin.post_train(cfg, model)
 
 
+def test_context_parallel_refuses_label_smoothing(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from longlora_plugin.axolotl.context_parallel import split_rows
+    from longlora_plugin.s2.context_parallel import ContextParallel
+
+    args = TrainingArguments(str(tmp_path), label_smoothing_factor=0.1, use_cpu=True)
+    trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(tiny_llama), args=args)
+    with pytest.raises(NotImplementedError, match="label_smoothing_factor: 0"):
+        split_rows(trainer, ContextParallel())
+
+
 @pytest.fixture
 def single_process_group():
     """A one-rank gloo process group (what FSDP needs to wrap a model), torn down after."""
