@@ -72,6 +72,8 @@ def check_combinations(cfg: Any, settings: LongLoRAConfig, sequence_len: int) ->
             "does not hold the whole model; remove every_n_steps (the evaluation at the "
             "end, or `longlora eval`, still works) or use DDP/ZeRO-2"
         )
+    if settings.s2_attn:
+        _check_axolotl_ring_attention(cfg, settings)
     if settings.context_parallel > 1:
         _check_context_parallel(cfg, settings, fsdp)
     impl, key = attention_implementation(cfg)
@@ -86,7 +88,8 @@ def check_combinations(cfg: Any, settings: LongLoRAConfig, sequence_len: int) ->
 
 def _check_context_parallel(cfg: Any, settings: LongLoRAConfig, fsdp: int | None) -> None:
     """``longlora.context_parallel > 1``: S2-Attn on, a process count it divides, data
-    parallelism by DDP or DeepSpeed (not FSDP), not with Axolotl's ring attention."""
+    parallelism by DDP or DeepSpeed (not FSDP). (Axolotl's ring attention is refused with
+    S2-Attn whatever ``context_parallel`` is: :func:`_check_axolotl_ring_attention`.)"""
     size = settings.context_parallel
     key = f"longlora.context_parallel={size}"
     if not settings.s2_attn:
@@ -97,12 +100,6 @@ def _check_context_parallel(cfg: Any, settings: LongLoRAConfig, fsdp: int | None
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world > 1:  # one process may be merge-lora or preprocess: checked at training
         check_context_parallel_world(size, world)
-    theirs = cfg.get("context_parallel_size") or cfg.get("sequence_parallel_degree")
-    if theirs and int(theirs) > 1:
-        raise LongLoRAConfigError(
-            f"{key} with Axolotl's context_parallel_size={theirs}: Axolotl's is ring "
-            "(full) attention over flash-attn; use one of them, not both"
-        )
     if fsdp:
         raise LongLoRAConfigError(
             f"{key} with FSDP (fsdp_config): the split training step accumulates "
@@ -122,6 +119,41 @@ def _check_context_parallel(cfg: Any, settings: LongLoRAConfig, fsdp: int | None
             f"{key} with rl={cfg.get('rl')!r}: only the language-modelling loss of "
             "supervised training is split; remove one of them"
         )
+
+
+def _axolotl_context_parallel(cfg: Any) -> tuple[str, int] | None:
+    """``(key, size)`` of Axolotl's own (ring attention) context parallelism as the user
+    wrote it, when it splits rows (size > 1); ``context_parallel_size`` wins over the
+    deprecated ``sequence_parallel_degree``, as in Axolotl's ``check_context_parallel_size``."""
+    for key in ("context_parallel_size", "sequence_parallel_degree"):
+        value = cfg.get(key)
+        if value:
+            try:
+                size = int(value)
+            except (TypeError, ValueError):
+                return None  # Axolotl's validation names the bad value
+            return (key, size) if size > 1 else None
+    return None
+
+
+def _check_axolotl_ring_attention(cfg: Any, settings: LongLoRAConfig) -> None:
+    """S2-Attn with Axolotl's ring context parallelism: refused, whatever
+    ``longlora.context_parallel`` is. Ring attention patches transformers' flash path; S2
+    calls the varlen kernel itself, so each rank would attend only inside its own chunk
+    of the row (silently wrong, nothing fails)."""
+    theirs = _axolotl_context_parallel(cfg)
+    if theirs is None:
+        return
+    key, size = theirs
+    raise LongLoRAConfigError(
+        f"longlora.s2_attn: true (longlora.context_parallel={settings.context_parallel}) "
+        f"with Axolotl's {key}={size} (ring attention): S2-Attn calls the attention kernel "
+        "itself and bypasses the ring, so each rank would attend only inside its own chunk "
+        f"of the row; remove {key} and use either longlora.context_parallel: P (S2-Attn's "
+        "own context parallelism, which exchanges the keys and values of the groups crossing "
+        "a chunk boundary; launch a multiple of P processes) or longlora.s2_attn: false "
+        f"(full attention; Axolotl's {key} then splits the rows)"
+    )
 
 
 def check_context_parallel_world(size: int, world: int) -> None:

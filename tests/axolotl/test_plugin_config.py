@@ -462,6 +462,76 @@ def test_context_parallel_refusals_name_the_conflict(cfg_for, monkeypatch):
     )
 
 
+RING = {"attn_implementation": "flash_attention_2", "micro_batch_size": 1, "sample_packing": True}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "written"),
+    [
+        ({"context_parallel_size": 2}, "context_parallel_size=2"),
+        ({"sequence_parallel_degree": 2}, "sequence_parallel_degree=2"),
+        ({"context_parallel_size": 4, "longlora": {"context_parallel": 2}}, None),
+    ],
+    ids=["context_parallel_size", "sequence_parallel_degree", "with-longlora-cp"],
+)
+def test_s2_attn_with_axolotl_ring_attention_is_refused(cfg_for, overrides, written):
+    """Axolotl's ring context parallelism patches transformers' flash path; S2-Attn calls
+    the kernel itself, so each rank would attend only inside its own chunk: refused at
+    ``register`` whatever ``longlora.context_parallel`` is, naming both keys and the two
+    ways out, before Axolotl's validation (which would ask for ring_flash_attn)."""
+    cp = overrides.get("longlora", {}).get("context_parallel", 1)
+    written = written or "context_parallel_size=4"
+    assert_error(
+        cfg_for(**{**RING, **overrides}),
+        f"longlora.s2_attn: true (longlora.context_parallel={cp})",
+        f"with Axolotl's {written} (ring attention)",
+        "longlora.context_parallel: P",
+        "multiple of P processes",
+        "or longlora.s2_attn: false",
+    )
+
+
+def test_axolotl_ring_attention_without_s2_is_left_to_axolotl(cfg_for):
+    """With ``longlora.s2_attn: false`` the attention is the model's own, which ring
+    attention serves: the plugin lets it through (Axolotl's validation then checks
+    flash-attn and ring_flash_attn itself)."""
+    from axolotl.utils.dict import DictDefault
+
+    from longlora_plugin.plugin import LongLoRAPlugin
+
+    for key in ("context_parallel_size", "sequence_parallel_degree"):
+        cfg = DictDefault(cfg_for(**RING, longlora={"s2_attn": False}, **{key: 2}))
+        LongLoRAPlugin().register(cfg)
+        assert cfg[key] == 2
+        try:
+            load(cfg.to_dict())
+        except (ValueError, ImportError) as err:  # Axolotl's own requirements, not ours
+            assert "longlora" not in str(err), err
+    assert load(cfg_for(context_parallel_size=1)).context_parallel_size == 1
+
+
+def test_axolotl_train_refuses_s2_with_ring_attention_before_training(
+    tiny_llama, text_dataset, tmp_path
+):
+    """A real ``axolotl train``: the plugin's refusal comes from ``register``, before
+    Axolotl's validation (which would name flash-attn or ring_flash_attn) and before any
+    step."""
+    from tests.support.ranks import axolotl, lora_config, write_config
+
+    cfg = lora_config(tiny_llama, text_dataset, tmp_path, context_parallel_size=2, **RING)
+    proc = axolotl("train", write_config(tmp_path / "cfg.yml", cfg), check=False)
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert (
+        "LongLoRAConfigError: longlora.s2_attn: true (longlora.context_parallel=1) with "
+        "Axolotl's context_parallel_size=2 (ring attention)" in proc.stdout
+    ), proc.stdout[-3000:]
+    assert "ring_flash_attn" not in proc.stdout and "requires attn_implementation" not in (
+        proc.stdout
+    )
+    assert not (tmp_path / "out" / "rank_probe").exists()  # written at the first step
+    assert "'loss'" not in proc.stdout
+
+
 def test_axolotl_fsdp2_adapter_save_still_loses_modules_to_save(tmp_path, tiny_model_factory):
     """Why the refusal above exists, on the installed Axolotl: its final FSDP2 LoRA save
     collects only ``lora_*`` tensors, and PEFT then fails on every ``modules_to_save``

@@ -214,6 +214,10 @@ def bad_config(tmp_path: Path, **changes) -> Path:
             ["attn_implementation='sage'", "longlora.s2_attn wraps only"],
         ),
         ({"deepspeed": "missing/zero2.json"}, ["deepspeed='missing/zero2.json': no such file"]),
+        (
+            {"context_parallel_size": 2, "attn_implementation": "flash_attention_2"},
+            ["Axolotl's context_parallel_size=2 (ring attention)", "longlora.s2_attn: false"],
+        ),
         ({"micro_batch_size": "one"}, ["micro_batch_size"]),
         # Axolotl's own messages, which differ by version
         (
@@ -285,6 +289,27 @@ def test_console_script_offline(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "RoPE linear factor 4.0 (original 8192, target 32768)" in proc.stdout
+
+
+def test_llama3_cut_cross_entropy_advice_is_valid_as_written(capsys, tmp_path):
+    """The llama3-8b-64k header's out-of-memory advice, applied as written, validates;
+    adding the Cut Cross Entropy plugin next to chunked_cross_entropy does not (Axolotl
+    accepts one cross-entropy option at a time)."""
+    path = REPO / "example_configs" / "llama3-8b-64k.yml"
+    header = re.sub(r"\n#\s*", " ", path.read_text(encoding="utf-8"))
+    assert "delete the line `chunked_cross_entropy: true`" in header
+    plugin = re.search(r"add `- ([\w.]+)` under `plugins:`", header).group(1)
+    cfg = yaml.safe_load(path.read_text())
+    both = {**cfg, "plugins": [*cfg["plugins"], plugin]}
+    advised = {k: v for k, v in both.items() if k != "chunked_cross_entropy"}
+    argv = header_command(path)[1:]
+    for name, config in (("both", both), ("advised", advised)):
+        (tmp_path / f"{name}.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    rc, _, err = run_cli(capsys, [str(tmp_path / "both.yml"), *argv])
+    assert rc == 1 and "chunked" in err, err
+    rc, out, err = run_cli(capsys, [str(tmp_path / "advised.yml"), *argv])
+    assert rc == 0, err
+    assert "Axolotl validation passed" in out
 
 
 def test_docs_table_lists_every_config():
