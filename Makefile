@@ -24,6 +24,15 @@ export PYTHONWARNINGS := ignore::DeprecationWarning
 # compiled on first use, never at install (a CPU machine has no CUDA toolkit).
 export DS_BUILD_OPS := 0
 
+# Each leg: two pytest-xdist workers (the machine's 2 cores) that take whole modules, so a
+# module's shared training runs are paid once; the 15 slowest tests and the leg's wall
+# time are printed. Budget: `make test` <= 30 min from a fresh clone (README).
+PYTEST := -m pytest -q -n 2 --dist loadfile --durations=15
+# wall time of a command, after its output; keeps its exit status
+TIMED = start=$$(date +%s); $(1); rc=$$?; echo "=== $(2): $$(( $$(date +%s) - start )) s wall"; exit $$rc
+# the 0.21 venv is built in the background while the 0.19 leg runs (pip is mostly I/O)
+VENV21_BUILD := $(VENV21).build
+
 # printed before each leg's tests
 LEG_INFO := 'import importlib.metadata as m, platform; print("=== test leg: Axolotl", m.version("axolotl") + ", Python", platform.python_version() + ", torch", m.version("torch"))'
 
@@ -50,11 +59,17 @@ lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-test: lint test-0.19 test-0.21
+test:
+ifneq ($(PYTHON312),)
+	@rm -f $(VENV21_BUILD).log; ($(MAKE) --no-print-directory venv-0.21 > $(VENV21_BUILD).log 2>&1; echo $$? > $(VENV21_BUILD).rc) & echo $$! > $(VENV21_BUILD).pid
+endif
+	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory test-0.19
+	$(MAKE) --no-print-directory test-0.21
 
 test-0.19: venv
 	@$(PY) -c $(LEG_INFO)
-	$(PY) -m pytest -q
+	@$(call TIMED,$(PY) $(PYTEST),test leg Axolotl 0.19)
 
 # Without Python 3.12 the 0.21 leg cannot run: an error under CI, a plain notice elsewhere.
 test-0.21:
@@ -64,9 +79,14 @@ ifeq ($(PYTHON312),)
 	fi
 	@echo "=== test leg SKIPPED: Axolotl 0.21 (no Python 3.12 found: put python3.12 on PATH, install it with pyenv, or set PYTHON312=...)"
 else
+	@if [ -f $(VENV21_BUILD).pid ]; then \
+	  pid=$$(cat $(VENV21_BUILD).pid); while kill -0 $$pid 2>/dev/null; do sleep 2; done; \
+	  echo "=== background build of $(VENV21): exit $$(cat $(VENV21_BUILD).rc 2>/dev/null || echo '?')"; \
+	  rm -f $(VENV21_BUILD).pid; \
+	fi
 	$(MAKE) --no-print-directory venv-0.21
 	@$(PY21) -c $(LEG_INFO)
-	$(PY21) -m pytest -q
+	@$(call TIMED,$(PY21) $(PYTEST),test leg Axolotl 0.21)
 endif
 
 # make demo TEXT=my.txt (or a directory of .txt files) trains on your text instead of Austen
@@ -77,4 +97,4 @@ bench: venv
 	$(PY) -m benchmarks.s2_attn_bench
 
 clean:
-	rm -rf $(VENV) $(VENV21) outputs .pytest_cache
+	rm -rf $(VENV) $(VENV21) $(VENV21_BUILD).* outputs .pytest_cache

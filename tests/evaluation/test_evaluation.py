@@ -3,8 +3,8 @@ local models, in-process, CPU.
 
 Perplexity is checked against independent computations from the model's own logits
 (``model(...).logits`` / ``model(..., labels=...)``), the passkey prompt against its
-stated tolerance, retrieval against a tiny model trained here (plain torch) to copy the
-key versus the same model untrained, and the CLI against the files it must write.
+stated tolerance, retrieval against a tiny model trained (plain torch, shipped:
+``tests/support/retrievers.py``) to copy the key versus the same model untrained, and the CLI against the files it must write.
 Runs on adapter and merged directories from a real ``axolotl train`` live in
 ``test_plugin_train.py``.
 """
@@ -35,7 +35,7 @@ from longlora_plugin.evaluation.models import (
 )
 from longlora_plugin.evaluation.runner import run_passkey
 from longlora_plugin.evaluation.texts import TextSourceError, load_texts
-from tests.support.copy_task import copy_tokenizer, train_copier
+from tests.support import retrievers
 
 torch.set_num_threads(1)
 
@@ -163,57 +163,17 @@ def test_passkey_prompt_rejects_bad_input(llama):
 
 
 # ---------------------------------------------------------------------- passkey retrieval
-def _copy_task_tokenizer():
-    """The passkey texts as few tokens: the task line is one token, a filler sentence one
-    or two, so prompts of 30-50 tokens already hold 10-30 filler tokens."""
-    texts = [pk.TASK, pk.QUESTION, *pk.FILLER_SENTENCES, " ".join(pk.FILLER_SENTENCES)]
-    return copy_tokenizer([*texts, pk.INFO.format(key="0123456789")])
-
-
-class _CopyTaskData:
-    """Training batches of real passkey prompts (``pk.build_prompt``) followed by the
-    answer, labels on the answer only. Prompts are built once per (length, depth, key
-    digit count) with a dummy key whose digit tokens are then replaced (digits are
-    single tokens and appear nowhere else in the prompt)."""
-
-    def __init__(self, tok, lengths: list[int], depths: list[float]):
-        self.tok, self.lengths, self.depths = tok, lengths, depths
-        self.digit = {str(d): tok.convert_tokens_to_ids(str(d)) for d in range(10)}
-        self.templates: dict[tuple[int, float, int], list[int]] = {}
-
-    def sample(self, rng: random.Random) -> tuple[list[int], list[int]]:
-        key = str(rng.randint(*pk.KEY_RANGE))
-        spec = (rng.choice(self.lengths), rng.choice(self.depths), len(key))
-        if spec not in self.templates:
-            self.templates[spec] = pk.build_prompt(
-                self.tok, spec[0], spec[1], "1" * len(key)
-            ).input_ids
-        ids = list(self.templates[spec])
-        positions = [i for i, t in enumerate(ids) if t in self.digit.values()]
-        assert len(positions) == 2 * len(key)
-        for n, pos in enumerate(positions):
-            ids[pos] = self.digit[key[n % len(key)]]
-        answer = self.tok(" " + key, add_special_tokens=False)["input_ids"]
-        return ids + answer, [IGNORE_INDEX] * len(ids) + answer
-
-
-COPY_STEPS = 400  # batch 32, one-cycle lr 5e-3: 1.0 accuracy, ~35 s on one busy core
-
-
 @pytest.fixture(scope="module")
 def copier():
-    """``(trained, untrained, shortest prompt)``: two tiny Llamas with the same init; the
-    trained one learns the passkey task (copy the key) with plain-torch steps."""
+    """``(trained, untrained, shortest prompt)``: the shipped tiny Llama trained (plain
+    torch, ``tests/support/retrievers.py``) to copy the passkey, and its untrained twin."""
     from longlora_plugin.evaluation.models import from_loaded
 
-    tok = _copy_task_tokenizer()
-    shortest = pk.min_length(tok)
-    data = _CopyTaskData(tok, [shortest + 10 * i for i in range(5)], [i / 10 for i in range(11)])
-    model, untrained = train_copier(tok, data.sample, steps=COPY_STEPS)
+    model, untrained, tok = retrievers.load("copier")
     return (
         from_loaded("copier", model, tok, original_length=256),
         from_loaded("random", untrained, tok, original_length=256),
-        shortest,
+        pk.min_length(tok),
     )
 
 
@@ -403,3 +363,17 @@ def test_cli_writes_json_table_and_plot(tiny_llama: Path, text_dataset: Path, tm
     bad = ["eval", "ppl", "--model", f"a={tiny_llama}", "--rope", "b=linear:2", "--lengths", "32"]
     assert main([*bad, "--data", str(text_dataset), "--out", str(tmp_path / "x")]) == 2
     assert "no --model named 'b'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(retrievers.RECIPES))
+def test_shipped_retrievers_are_what_their_recipe_trains(name, tmp_path):
+    """The recipe still runs (a few steps here) and builds the shipped tokenizer and the
+    prompts the shipped model was trained for."""
+    target = retrievers.train(name, tmp_path, steps=3)
+    fresh = json.loads((target / "recipe.json").read_text())
+    shipped = json.loads((retrievers.FIXTURES / name / "recipe.json").read_text())
+    assert fresh["fingerprint"] == shipped["fingerprint"]
+    assert (target / "tokenizer.json").read_text() == (
+        retrievers.FIXTURES / name / "tokenizer.json"
+    ).read_text()
+    assert len(fresh["loss_every_50_steps"]) == 2 and shipped["recipe"]["steps"] >= 400

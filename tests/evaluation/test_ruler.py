@@ -18,7 +18,7 @@ from longlora_plugin.evaluation.ruler_eval import (
     string_match_all,
     summarize,
 )
-from tests.support.copy_task import NiahData, niah_tokenizer, train_copier
+from tests.support import retrievers
 
 ESSAY_TEXT = " ".join(
     f"Sentence number {i} of the essay talks about topic {i % 7}, and then it ends."
@@ -255,19 +255,14 @@ def test_cli_questions_per_haystack(tiny_llama: Path, tmp_path, capsys):
     assert reused["prompt_tokens_per_s"] > 2 * reused["prefill_tokens_per_s"]
 
 
-NIAH_STEPS = 1000  # 3 layers, batch 32, one-cycle lr 1e-3: 100 and 90 at 190 and 195 tokens on both legs (700 steps: 100 and 70); ~80 s training
-
-
 def test_model_trained_to_retrieve_solves_niah_and_untrained_model_does_not():
     """Through RULER's own prompts and scoring: a tiny Llama trained on ``niah_single_1``
-    prompts (seeds ``train/<i>``) answers new ones (seeds ``1/<i>``), its untrained twin
-    none."""
+    prompts (seeds ``train/<i>``; shipped, ``tests/support/retrievers.py``) answers new
+    ones (seeds ``1/<i>``), its untrained twin none."""
     from longlora_plugin.evaluation.models import from_loaded
 
     torch.set_num_threads(1)
-    tok = niah_tokenizer()
-    data = NiahData(tok, range(175, 196, 5))
-    model, untrained = train_copier(tok, data.sample, steps=NIAH_STEPS, lr=1e-3, layers=3)
+    model, untrained, tok = retrievers.load("niah")
     payload = run(
         [
             from_loaded("trained", model, tok, original_length=256),

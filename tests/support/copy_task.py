@@ -6,7 +6,9 @@ across spaces (byte-level without the word-splitting regex) with one token per d
 so long filler becomes few tokens and a prompt of ~100 tokens holds a real haystack.
 :func:`train_copier` trains a 2-layer Llama with plain torch on ``(ids, labels)`` rows
 (labels only on the answer) and returns it with its untrained twin (same init).
-:func:`niah_tokenizer` and :class:`NiahData` do the same for RULER's ``niah_single_1``.
+:func:`niah_tokenizer` and :class:`NiahData` do the same for RULER's ``niah_single_1``,
+:func:`passkey_tokenizer` and :class:`PasskeyData` for the passkey prompts. The trained
+models the tests score are shipped: ``tests/support/retrievers.py`` trains them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from longlora_plugin.evaluation import passkey as pk
 from longlora_plugin.evaluation.loss import IGNORE_INDEX
 
 
@@ -66,6 +69,14 @@ def batch(tokenizer, rows: Sequence[tuple[list[int], list[int]]]):
     return ids, labels, mask
 
 
+def untrained_twin(config):
+    """The Llama of ``config`` at the copiers' initialisation (seed 0), in eval mode."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
 def train_copier(
     tokenizer,
     sample: Callable[[random.Random], tuple[list[int], list[int]]],
@@ -75,10 +86,12 @@ def train_copier(
     max_positions: int = 256,
     lr: float = 5e-3,
     layers: int = 2,
+    losses: list[float] | None = None,
 ):
     """``(trained, untrained)`` tiny Llamas (hidden size 64, ``layers`` layers) with the
     same init; the trained one has seen ``steps`` batches of ``sample(rng)`` rows
-    (one-cycle lr; the loss is computed on the labelled positions only)."""
+    (one-cycle lr; the loss is computed on the labelled positions only). Each step's loss
+    is appended to ``losses`` when given."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -94,8 +107,7 @@ def train_copier(
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(0)
-    untrained = LlamaForCausalLM(config).eval()
+    untrained = untrained_twin(config)
     model = LlamaForCausalLM(config)
     model.load_state_dict(untrained.state_dict())
     model.train()
@@ -114,6 +126,8 @@ def train_copier(
         loss.backward()
         optim.step()
         schedule.step()
+        if losses is not None:
+            losses.append(loss.item())
     return model.eval(), untrained
 
 
@@ -166,4 +180,38 @@ class NiahData:
         for pos, digit in zip(positions, value, strict=True):
             ids[pos] = digit
         answer = [*self.space, *value, self.tok.eos_token_id]
+        return ids + answer, [IGNORE_INDEX] * len(ids) + answer
+
+
+def passkey_tokenizer():
+    """The passkey texts as few tokens: the task line is one token, a filler sentence one
+    or two, so prompts of 30-50 tokens already hold 10-30 filler tokens."""
+    texts = [pk.TASK, pk.QUESTION, *pk.FILLER_SENTENCES, " ".join(pk.FILLER_SENTENCES)]
+    return copy_tokenizer([*texts, pk.INFO.format(key="0123456789")])
+
+
+class PasskeyData:
+    """Training batches of real passkey prompts (``pk.build_prompt``) followed by the
+    answer, labels on the answer only. Prompts are built once per (length, depth, key
+    digit count) with a dummy key whose digit tokens are then replaced (digits are
+    single tokens and appear nowhere else in the prompt)."""
+
+    def __init__(self, tok, lengths: list[int], depths: list[float]):
+        self.tok, self.lengths, self.depths = tok, lengths, depths
+        self.digit = {str(d): tok.convert_tokens_to_ids(str(d)) for d in range(10)}
+        self.templates: dict[tuple[int, float, int], list[int]] = {}
+
+    def sample(self, rng: random.Random) -> tuple[list[int], list[int]]:
+        key = str(rng.randint(*pk.KEY_RANGE))
+        spec = (rng.choice(self.lengths), rng.choice(self.depths), len(key))
+        if spec not in self.templates:
+            self.templates[spec] = pk.build_prompt(
+                self.tok, spec[0], spec[1], "1" * len(key)
+            ).input_ids
+        ids = list(self.templates[spec])
+        positions = [i for i, t in enumerate(ids) if t in self.digit.values()]
+        assert len(positions) == 2 * len(key)
+        for n, pos in enumerate(positions):
+            ids[pos] = self.digit[key[n % len(key)]]
+        answer = self.tok(" " + key, add_special_tokens=False)["input_ids"]
         return ids + answer, [IGNORE_INDEX] * len(ids) + answer
