@@ -34,12 +34,20 @@ def _reset_axolotl_plugins() -> None:
 
 @pytest.fixture(autouse=True)
 def offline_and_fresh_plugins(monkeypatch: pytest.MonkeyPatch):
-    """Every test: offline/no-telemetry env vars and an empty Axolotl plugin registry."""
+    """Every test: offline/no-telemetry env vars, an empty Axolotl plugin registry, and
+    the process environment given back afterwards. Axolotl's in-process config loading
+    writes to ``os.environ`` (0.21's ``prepare_optim_env`` sets
+    ``PARALLELISM_CONFIG_CP_SIZE`` for ``context_parallel_size``): left there, it would
+    reach every later subprocess of the same pytest process."""
+    saved = dict(os.environ)
     for key, value in OFFLINE_ENV.items():
         monkeypatch.setenv(key, value)
     _reset_axolotl_plugins()
     yield
     _reset_axolotl_plugins()
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

@@ -236,17 +236,21 @@ def resumed(runs, work):
     cfg = yaml.safe_load(cfg_path.read_text())
     cfg["output_dir"] = str(resumed_dir / "out")
     cfg_killed = write_config(resumed_dir / "cfg.yml", cfg)
+    # the real torch.distributed.run, as a user's --launcher torchrun (it stops the other
+    # rank when one dies); the other runs fork from tests/support/prefork.py
     killed = axolotl(
         "train",
         cfg_killed,
         ranks=2,
         env=environment(LONGLORA_PROBE_KILL_AFTER_SAVE="2"),
         check=False,
+        launcher="torchrun",
     )
     assert killed.returncode != 0 and (resumed_dir / "out" / "checkpoint-2").is_dir()
     assert not (resumed_dir / "out" / "checkpoint-4").exists()
     cfg["resume_from_checkpoint"] = str(resumed_dir / "out" / "checkpoint-2")
-    log = axolotl("train", write_config(resumed_dir / "cfg-resume.yml", cfg), ranks=2).stdout
+    resume_cfg = write_config(resumed_dir / "cfg-resume.yml", cfg)
+    log = axolotl("train", resume_cfg, ranks=2, launcher="torchrun").stdout
     return resumed_dir / "out", log
 
 

@@ -1,7 +1,9 @@
-"""Multi-process ``axolotl train`` on CPU for the tests: two ranks under
+"""Multi-process ``axolotl train`` on CPU for the tests: ranks with the environment of
 ``torch.distributed.run`` (gloo), what ``axolotl train cfg.yml --launcher torchrun --
 --nproc_per_node 2`` runs, with the CPU shims of ``cpu_ranks_plugin`` and the per-rank
-records of ``rank_probe_plugin``."""
+records of ``rank_probe_plugin``. The ranks are forked from a server that has imported
+Axolotl already (``prefork.py``); the runs that test the launcher itself (a rank killed
+and the run resumed) go through the real ``torch.distributed.run``."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Any
 import yaml
 
 from longlora_plugin.offline import OFFLINE_ENV
+from tests.support import prefork
 from tests.support.tiny_models import LORA_R4, TRAIN_SHORT
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,26 +71,48 @@ def write_config(path: Path, cfg: dict[str, Any]) -> Path:
 
 
 def run_module(
-    module: str, *args: str, log: Path, ranks: int = 1, env: dict | None = None, check=True
+    module: str,
+    *args: str,
+    log: Path,
+    ranks: int = 1,
+    env: dict | None = None,
+    check=True,
+    launcher: str = "prefork",
 ) -> subprocess.CompletedProcess:
-    """Run ``python -m <module> *args`` in ``log``'s folder (under torchrun when ``ranks >
-    1``); returns the CompletedProcess, its output also written to ``log``."""
-    cmd = [sys.executable, "-m"]
-    if ranks > 1:
-        cmd += ["torch.distributed.run", "--nproc_per_node", str(ranks)]
-        cmd += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m"]
-    cmd += [module, *args]
-    proc = subprocess.run(
-        cmd,
-        cwd=log.parent,
-        env=env or environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
-    log.write_text(proc.stdout)
+    """Run ``python -m <module> *args`` in ``log``'s folder, on ``ranks`` processes with
+    the environment ``torch.distributed.run`` gives its workers when ``ranks > 1``;
+    returns the CompletedProcess, its output also written to ``log``.
+
+    ``launcher="prefork"`` forks the processes from a server that has already imported
+    Axolotl (``tests/support/prefork.py``: 7-10 s of CPU less per process);
+    ``launcher="torchrun"`` runs the real ``python -m torch.distributed.run`` (or plain
+    ``python -m`` for one rank), as a user's ``axolotl train --launcher torchrun`` does."""
+    env = env or environment()
+    if launcher == "prefork":
+        cmd = ["prefork", "-m", module, *args]
+        done = prefork.Server.get(env).launch(
+            module, list(args), ranks=ranks, env=env, cwd=log.parent, log=log, timeout=TIMEOUT_S
+        )
+        if done.get("timed_out"):
+            raise subprocess.TimeoutExpired(cmd, TIMEOUT_S, output=log.read_text())
+        proc = subprocess.CompletedProcess(cmd, done["returncode"], log.read_text(errors="replace"))
+    else:
+        cmd = [sys.executable, "-m"]
+        if ranks > 1:
+            cmd += ["torch.distributed.run", "--nproc_per_node", str(ranks)]
+            cmd += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m"]
+        cmd += [module, *args]
+        proc = subprocess.run(
+            cmd,
+            cwd=log.parent,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=TIMEOUT_S,
+            check=False,
+        )
+        log.write_text(proc.stdout)
     if check:
         assert proc.returncode == 0, (
             f"{module} failed (rc={proc.returncode}):\n{proc.stdout[-8000:]}"
@@ -96,13 +121,26 @@ def run_module(
 
 
 def axolotl(
-    module: str, cfg_path: Path, *args: str, ranks: int = 1, env: dict | None = None, check=True
+    module: str,
+    cfg_path: Path,
+    *args: str,
+    ranks: int = 1,
+    env: dict | None = None,
+    check=True,
+    launcher: str = "prefork",
 ) -> subprocess.CompletedProcess:
     """Run ``python -m axolotl.cli.<module> cfg *args`` (see :func:`run_module`); the log
     goes to ``<cfg>.<module>.log``."""
     log = cfg_path.with_suffix(f".{module}.log")
     return run_module(
-        f"axolotl.cli.{module}", str(cfg_path), *args, log=log, ranks=ranks, env=env, check=check
+        f"axolotl.cli.{module}",
+        str(cfg_path),
+        *args,
+        log=log,
+        ranks=ranks,
+        env=env,
+        check=check,
+        launcher=launcher,
     )
 
 
