@@ -5,7 +5,7 @@ plugin logs from rank 0 only).
 Each rank writes ``<output_dir>/rank_probe/rank<N>.json``: at its first optimizer step the
 S2-Attn state, the trainable embedding/norm copies, the distributed setup, the step it
 started from (a resumed run starts past 0), the token count of each forward pass of that
-step, and the bytes this rank holds for parameters, gradients (at the optimizer step),
+step, the loss and MLP functions and 4-bit layers the model runs with, and the bytes this rank holds for parameters, gradients (at the optimizer step),
 optimizer master copies and moments; at the end of training the digest of every trained
 ``modules_to_save`` tensor, gathered in full under ZeRO-3 (identical on every rank when
 the ranks kept them in sync). Rank 0 also writes
@@ -132,6 +132,10 @@ class RankProbeCallback(TrainerCallback):
             "trainable_norm": [n for n in trainable if "norm.modules_to_save" in n],
             "trainable_lora": len([n for n in trainable if "lora_" in n]),
             "forward_lengths": self.lengths,
+            # what Axolotl's memory features swap in: the loss and MLP functions, 4-bit layers
+            "loss_function": _qualified(getattr(model, "loss_function", None)),
+            "mlp_forward": _qualified(_first_mlp(model).forward),
+            "linear_4bit": sum(type(m).__name__ == "Linear4bit" for m in model.modules()),
         }
         self._write()
 
@@ -156,6 +160,16 @@ class RankProbeCallback(TrainerCallback):
             from safetensors.torch import save_file
 
             save_file(trained, str(self.out_dir / "trained_modules_to_save.safetensors"))
+
+
+def _qualified(function: Any) -> str | None:
+    if function is None:
+        return None
+    return f"{function.__module__}.{getattr(function, '__qualname__', function)}"
+
+
+def _first_mlp(model: Any) -> Any:
+    return next(m for name, m in model.named_modules() if name.endswith(".mlp"))
 
 
 def _gathered(param: torch.Tensor) -> torch.Tensor:
