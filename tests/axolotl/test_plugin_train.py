@@ -1,11 +1,11 @@
 """Real ``axolotl train`` / ``axolotl merge-lora`` runs with the LongLoRA plugin (CPU).
 
-Each run is a subprocess (``python -m axolotl.cli.train cfg.yml``): Axolotl patches
-transformers globally and keeps plugin singletons, and 0.19's merge-lora is meant to
-run once per process, so separate processes are the robust choice. The runs start
-together when the module's first test needs them (2 cores: they overlap the ~15 s of
-imports and dataset preparation each one spends single-threaded) and every run uses
-``OMP_NUM_THREADS=1`` (~10x faster steps on a tiny model than the default threads).
+Each run is a process of its own (``python -m axolotl.cli.train cfg.yml``, forked from
+the tests' prefork server, which has imported Axolotl): Axolotl patches transformers
+globally and keeps plugin singletons, and 0.19's merge-lora is meant to run once per
+process, so separate processes are the robust choice. The runs start together when the
+module's first test needs them (2 cores: they overlap the dataset preparation each one
+spends single-threaded) and every run uses ``OMP_NUM_THREADS=1`` (~10x faster steps on a tiny model than the default threads).
 
 Runs (tiny models: hidden 64, 2 layers, pre-training context 64; sequence_len 256):
 
@@ -38,6 +38,7 @@ import torch
 import yaml
 
 from longlora_plugin.offline import OFFLINE_ENV
+from tests.support import prefork
 from tests.support.tiny_models import (
     LORA_R4,
     TRAIN_SHORT,
@@ -124,47 +125,51 @@ def subprocess_env() -> dict[str, str]:
 
 @dataclass
 class AxolotlRun:
-    """One ``axolotl`` CLI subprocess with its config, output dir and log file."""
+    """One ``python -m axolotl.cli.<module> cfg.yml`` process with its config, output dir
+    and log file, forked from the tests' prefork server (``tests/support/prefork.py``:
+    Axolotl already imported); several run at once."""
 
     name: str
     cfg_path: Path
     out_dir: Path
     log_path: Path
-    proc: subprocess.Popen
+    launch: int
     started: float
+    returncode: int | None = None
     seconds: float | None = None
 
     @classmethod
     def start(cls, name: str, module: str, cfg_path: Path, out_dir: Path) -> AxolotlRun:
         log_path = cfg_path.parent / f"{name}.{module.rsplit('.', 1)[-1]}.log"
-        with log_path.open("w") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", module, str(cfg_path)],
-                cwd=cfg_path.parent,
-                env=subprocess_env(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        return cls(name, cfg_path, out_dir, log_path, proc, time.time())
+        launch = prefork.Server.get(subprocess_env()).start(
+            module,
+            [str(cfg_path)],
+            ranks=1,
+            env=subprocess_env(),
+            cwd=cfg_path.parent,
+            log=log_path,
+            timeout=RUN_TIMEOUT_S,
+        )
+        return cls(name, cfg_path, out_dir, log_path, launch, time.time())
 
     def log(self) -> str:
         """Wait for the process; assert it succeeded; return its combined output."""
-        try:
-            rc = self.proc.wait(timeout=RUN_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
-        if self.seconds is None:  # the log's last write ~ the process end
-            self.seconds = self.log_path.stat().st_mtime - self.started
+        if self.returncode is None:
+            done = prefork.Server.get(subprocess_env()).wait(self.launch)
+            self.returncode = done["returncode"]
+            self.seconds = self.log_path.stat().st_mtime - self.started  # ~ the process end
             print(f"[timing] {self.log_path.name}: {self.seconds:.1f} s", file=sys.stderr)
+            if done.get("timed_out"):
+                raise subprocess.TimeoutExpired(self.name, RUN_TIMEOUT_S)
         text = self.log_path.read_text(errors="replace")
-        assert rc == 0, f"{self.name} failed (rc={rc}); log tail:\n{text[-8000:]}"
+        assert self.returncode == 0, (
+            f"{self.name} failed (rc={self.returncode}); log tail:\n{text[-8000:]}"
+        )
         return text
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        if self.returncode is None:
+            self.returncode = prefork.Server.get(subprocess_env()).kill(self.launch)["returncode"]
 
 
 @pytest.fixture(scope="module")

@@ -103,7 +103,9 @@ def _run_rank(request: dict[str, Any], rank: int, port: int, log_fd: int) -> Non
         os.environ.clear()
         os.environ.update(env)
         os.chdir(request["cwd"])
-        sys.path[0] = request["cwd"]  # as `python -m` run there
+        sys.path[0] = request["cwd"]  # as `python -m` run there, with its PYTHONPATH
+        extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        sys.path[1:1] = [p for p in extra if p not in sys.path]
         sys.stdout.reconfigure(line_buffering=True, write_through=True)  # torchrun's -u
         sys.stderr.reconfigure(line_buffering=True, write_through=True)
         sys.argv = [request["module"], *request["args"]]
@@ -131,76 +133,113 @@ def _run_rank(request: dict[str, Any], rank: int, port: int, log_fd: int) -> Non
             os._exit(code)
 
 
-def _stop(pids: dict[int, int]) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + GRACE_S
-    while pids and time.monotonic() < deadline:
-        pid, _ = os.waitpid(-1, os.WNOHANG)
-        if pid:
-            pids.pop(pid, None)
-        else:
-            time.sleep(0.05)
-    for pid in list(pids):
-        try:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
-        pids.pop(pid, None)
+class Launches:
+    """The launches in flight: their rank processes, and the exit status of each launch
+    once its ranks are done. A failed rank stops its launch's other ranks at once (as
+    torchrun does), whichever launch is being waited for."""
 
+    def __init__(self, closing: list[Any]) -> None:
+        self.closing = closing  # the server's sockets, closed in every child
+        self.ranks: dict[int, int] = {}  # pid -> launch id
+        self.running: dict[int, set[int]] = {}  # launch id -> its live pids
+        self.returncode: dict[int, int] = {}  # launch id -> first failed rank's code, or 0
+        self.deadline: dict[int, float] = {}
 
-def _launch(request: dict[str, Any], closing: list[Any]) -> dict[str, Any]:
-    """Fork the launch's ranks; ``{"returncode": ...}`` as torchrun would exit (the
-    first failed rank's code; ``"timed_out": True`` after ``request["timeout"]``)."""
-    port = _free_port()
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    log_fd = os.open(request["log"], flags, 0o644)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pids: dict[int, int] = {}
-    for rank in range(request["ranks"]):
-        pid = os.fork()
-        if pid == 0:
-            for item in closing:
-                item.close()
-            _run_rank(request, rank, port, log_fd)
-        pids[pid] = rank
-    os.close(log_fd)
-    deadline = time.monotonic() + request["timeout"]
-    returncode = 0
-    while pids:
-        pid, status = os.waitpid(-1, os.WNOHANG)
-        if pid == 0:
-            if time.monotonic() > deadline:
-                _stop(pids)
-                return {"returncode": -signal.SIGKILL, "timed_out": True}
-            time.sleep(0.05)
-            continue
-        pids.pop(pid)
+    def start(self, request: dict[str, Any]) -> int:
+        """Fork the ranks of ``request``; returns the launch id."""
+        launch = len(self.deadline)
+        port = _free_port()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+        log_fd = os.open(request["log"], flags, 0o644)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.running[launch] = set()
+        for rank in range(request["ranks"]):
+            pid = os.fork()
+            if pid == 0:
+                for item in self.closing:
+                    item.close()
+                _run_rank(request, rank, port, log_fd)
+            self.ranks[pid] = launch
+            self.running[launch].add(pid)
+        os.close(log_fd)
+        self.returncode[launch] = 0
+        self.deadline[launch] = time.monotonic() + request["timeout"]
+        return launch
+
+    def _reaped(self, pid: int, status: int) -> None:
+        launch = self.ranks.pop(pid)
+        self.running[launch].discard(pid)
         code = os.waitstatus_to_exitcode(status)
-        if code != 0:
-            returncode = code if code > 0 else 1
-            _stop(pids)
-    return {"returncode": returncode}
+        if code != 0 and self.returncode[launch] == 0:
+            self.returncode[launch] = code if code > 0 else 1
+            self._signal(launch, signal.SIGTERM)
+            self.deadline[launch] = min(self.deadline[launch], time.monotonic() + GRACE_S)
+
+    def _signal(self, launch: int, sig: int) -> None:
+        for pid in self.running[launch]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def wait(self, launch: int) -> dict[str, Any]:
+        """``{"returncode": ...}`` of ``launch`` once its ranks are done, as torchrun
+        would exit (``"timed_out": True`` past its timeout: its ranks are killed)."""
+        timed_out = False
+        while self.running[launch]:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid:
+                self._reaped(pid, status)
+                continue
+            if time.monotonic() > self.deadline[launch]:
+                timed_out = timed_out or self.returncode[launch] == 0
+                self._signal(launch, signal.SIGKILL)
+                for pid in list(self.running[launch]):
+                    self._reaped(*os.waitpid(pid, 0))
+                break
+            time.sleep(0.05)
+        done = {"returncode": self.returncode[launch]}
+        if timed_out:
+            done.update(returncode=-signal.SIGKILL, timed_out=True)
+        return done
+
+    def kill(self, launch: int) -> dict[str, Any]:
+        """Kill ``launch``'s ranks (a test that gave up on it); its exit status."""
+        self.deadline[launch] = 0.0
+        return self.wait(launch)
+
+    def stop_all(self) -> None:
+        for launch in self.running:
+            self._signal(launch, signal.SIGKILL)
+        for pid in list(self.ranks):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
 
 
 def serve(address: str) -> None:
-    """Import ``PRELOAD``, then answer launch requests on the Unix socket ``address``
-    until the client disconnects."""
+    """Import ``PRELOAD``, then answer requests on the Unix socket ``address`` until the
+    client disconnects: ``{"op": "start", ...}`` forks a launch and answers its id,
+    ``{"op": "wait", "launch": id}`` answers its exit status once it is done."""
     for name in PRELOAD:
         importlib.import_module(name)
     threads = [t.name for t in threading.enumerate()]
     assert threads == ["MainThread"], f"threads before fork: {threads}"
     with Listener(address, family="AF_UNIX") as listener:
         conn = listener.accept()
-        while True:
-            try:
-                request = conn.recv()
-            except EOFError:
-                return
-            conn.send(_launch(request, [conn, listener]))
+        launches = Launches([conn, listener])
+        try:
+            while True:
+                try:
+                    request = conn.recv()
+                except EOFError:
+                    return
+                if request["op"] == "start":
+                    conn.send(launches.start(request))
+                elif request["op"] == "kill":
+                    conn.send(launches.kill(request["launch"]))
+                else:
+                    conn.send(launches.wait(request["launch"]))
+        finally:
+            launches.stop_all()
 
 
 # ---------------------------------------------------------------------- client side
@@ -210,6 +249,9 @@ class Server:
     _current: Server | None = None
 
     def __init__(self, env: dict[str, str]) -> None:
+        env = dict(env)  # the server's imports see the repository, as the tests do
+        path = [str(REPO), *env.get("PYTHONPATH", "").split(os.pathsep)]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in path if p))
         folder = Path(tempfile.mkdtemp(prefix="longlora-prefork-"))
         self.address = str(folder / "socket")
         self.log = folder / "server.log"
@@ -237,12 +279,27 @@ class Server:
             cls._current = cls(env)
         return cls._current
 
-    def launch(self, module: str, args: list[str], *, ranks: int, env: dict[str, str],
-               cwd: Path, log: Path, timeout: float) -> dict[str, Any]:  # fmt: skip
-        request = {"module": module, "args": args, "ranks": ranks, "env": env}
-        request.update({"cwd": str(cwd), "log": str(log), "timeout": timeout})
+    def start(self, module: str, args: list[str], *, ranks: int, env: dict[str, str],
+              cwd: Path, log: Path, timeout: float) -> int:  # fmt: skip
+        """Fork ``python -m module args`` on ``ranks`` processes; returns the launch id
+        for :meth:`wait`. Several launches may run at once."""
+        request = {"op": "start", "module": module, "args": args, "ranks": ranks}
+        request.update({"env": env, "cwd": str(cwd), "log": str(log), "timeout": timeout})
         self.conn.send(request)
         return self.conn.recv()
+
+    def wait(self, launch: int) -> dict[str, Any]:
+        """``{"returncode": ...}`` (and ``"timed_out": True`` past the timeout)."""
+        self.conn.send({"op": "wait", "launch": launch})
+        return self.conn.recv()
+
+    def kill(self, launch: int) -> dict[str, Any]:
+        self.conn.send({"op": "kill", "launch": launch})
+        return self.conn.recv()
+
+    def launch(self, module: str, args: list[str], **kwargs: Any) -> dict[str, Any]:
+        """:meth:`start`, then :meth:`wait`."""
+        return self.wait(self.start(module, args, **kwargs))
 
     def close(self) -> None:
         self.conn.close()
