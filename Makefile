@@ -38,17 +38,24 @@ LEG_INFO := 'import importlib.metadata as m, platform; print("=== test leg: Axol
 
 .PHONY: venv venv-0.21 test test-0.19 test-0.21 lint demo bench clean
 
+# DeepSpeed compiles its CPU communication op (shared memory) the first time a process
+# group starts, into ~/.cache/torch_extensions, again for each new venv path: ~1 min,
+# done here so that no test pays it (the 0.21 venv builds in the background of leg 1).
+DS_CPU_OP := 'from deepspeed.comm.torch import build_shm_op; build_shm_op()'
+
 # torch first, pinned: an unpinned resolve would pull another (multi-GB) build
 $(VENV)/.installed: pyproject.toml constraints/axolotl-0.19.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints/axolotl-0.19.txt torch
 	$(PY) -m pip install -q -c constraints/axolotl-0.19.txt -e '.[dev]'
+	DS_ACCELERATOR=cpu $(PY) -c $(DS_CPU_OP)
 	touch $@
 
 $(VENV21)/.installed: pyproject.toml constraints/axolotl-0.21.txt
 	test -x $(PY21) || $(PYTHON312) -m venv $(VENV21)
 	$(PY21) -m pip install -q -c constraints/axolotl-0.21.txt torch
 	$(PY21) -m pip install -q -c constraints/axolotl-0.21.txt -e '.[dev]'
+	DS_ACCELERATOR=cpu $(PY21) -c $(DS_CPU_OP)
 	touch $@
 
 venv: $(VENV)/.installed
