@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.support.ranks import axolotl, lora_config, probe_records, write_config
+from tests.support.ranks import axolotl_together, lora_config, probe_records, write_config
 from tests.support.tiny_models import build_tiny_model, write_text_dataset
 from tests.support.versions import AXOLOTL_021
 
@@ -49,15 +49,15 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     work = tmp_path_factory.mktemp("memory-features")
     base = build_tiny_model(work / "base", arch="llama")
     dataset = write_text_dataset(work / "data.jsonl")
-    done = {}
+    configs = []
     for name, extra in FEATURES.items():
         run_dir = work / name
         run_dir.mkdir()
         cfg = lora_config(base, dataset, run_dir, save_strategy="steps", save_steps=STEPS)
         cfg.update({"plugins": PLUGINS, **extra})
-        axolotl("train", write_config(run_dir / "cfg.yml", cfg))
-        done[name] = run_dir / "out"
-    return done
+        configs.append(write_config(run_dir / "cfg.yml", cfg))
+    axolotl_together("train", configs)
+    return {name: work / name / "out" for name in FEATURES}
 
 
 def _losses(out: Path) -> list[float]:

@@ -144,6 +144,32 @@ def axolotl(
     )
 
 
+def axolotl_together(module: str, cfg_paths: list[Path]) -> list[str]:
+    """``python -m axolotl.cli.<module> cfg`` for every config at once, one process each
+    (forked from the prefork server; 2 cores overlap their single-threaded parts); asserts
+    each succeeded and returns their logs (``<cfg>.<module>.log``)."""
+    env = environment()
+    server = prefork.Server.get(env)
+    logs = [cfg.with_suffix(f".{module}.log") for cfg in cfg_paths]
+    launches = [
+        server.start(
+            f"axolotl.cli.{module}",
+            [str(cfg)],
+            ranks=1,
+            env=env,
+            cwd=cfg.parent,
+            log=log,
+            timeout=TIMEOUT_S,
+        )  # fmt: skip
+        for cfg, log in zip(cfg_paths, logs, strict=True)
+    ]
+    done = [server.wait(launch) for launch in launches]
+    texts = [log.read_text(errors="replace") for log in logs]
+    for cfg, result, text in zip(cfg_paths, done, texts, strict=True):
+        assert result["returncode"] == 0, f"{cfg} failed ({result}):\n{text[-8000:]}"
+    return texts
+
+
 def fsdp2_train(base: Path, dataset: Path, out: Path, *args: str, check=True):
     """Two ranks of ``tests/support/fsdp2_train.py`` (FSDP2 with the plugin's functions)."""
     out.mkdir(parents=True, exist_ok=True)
