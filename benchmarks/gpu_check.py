@@ -7,14 +7,14 @@ after every case, so a run cut short still leaves what it measured.
 Sections:
 
 * ``preflight``: versions, GPU, whether flash-attn is importable, SDPA kernels enabled.
-* ``numerics_function``: ``s2_attention_forward`` (through ``tests/support/s2_calls.run_s2``)
-  vs the independent dense reference (``tests/support/s2_reference.py``) computed in float64 on the
+* ``numerics_function``: ``s2_attention_forward`` (through ``s2_harness.calls.run_s2``)
+  vs the independent dense reference (``s2_harness/reference.py``) computed in float64 on the
   same inputs, sdpa and eager, fp32 (TF32 off; max abs error <= 1e-5, as on CPU) and bf16
   (relative L2 error <= 1e-2 against the float64 reference on the bf16-rounded inputs);
   outputs and q/k/v gradients; plain / padded (left and right) / packed rows, GQA, MQA,
   odd head counts, a sliding window; sdpa also with the kernel pinned (flash for bf16,
   memory-efficient for fp32).
-* ``numerics_models``: whole tiny models of ``tests/support/s2_models.configs()`` (Llama 4/2,
+* ``numerics_models``: whole tiny models of ``s2_harness.models.configs()`` (Llama 4/2,
   9/3, 4/1, Mistral with window, Qwen2, Qwen3, Phi-3), S2 model vs a float64 copy of it
   running the dense reference; logits and every parameter's gradient. fp32: max abs <= 1e-5.
   bf16: relative L2 <= 2e-2 (logits, all gradients as one vector), reported next to the
@@ -63,10 +63,10 @@ from benchmarks.s2_attn_bench import build as build_bench_model
 from longlora_plugin import disable_s2_attn, enable_s2_attn
 from longlora_plugin.s2 import backend as s2_backend
 from longlora_plugin.s2.kernels import SDPA, select_kernel
-from tests.support.s2_calls import run_s2
-from tests.support.s2_models import GROUP as MODEL_GROUP
-from tests.support.s2_models import configs, model_inputs
-from tests.support.s2_reference import dense_attention, s2_allowed
+from s2_harness.calls import run_s2
+from s2_harness.models import GROUP as MODEL_GROUP
+from s2_harness.models import configs, model_inputs
+from s2_harness.reference import dense_attention, s2_allowed
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "model_configs"
@@ -420,7 +420,7 @@ def numerics_function(report: Report, entry: dict, device: str, smoke: bool) -> 
 
 
 def reference_backend(group: int) -> str:
-    """Dense S2 reference backend (tests/support/s2_reference.py) usable on any device: the mask is
+    """Dense S2 reference backend (s2_harness/reference.py) usable on any device: the mask is
     built on the CPU from the positions and padding, then moved to the query's device."""
     name = f"s2_reference_anydevice_g{group}"
 

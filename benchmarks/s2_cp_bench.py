@@ -1,5 +1,5 @@
 """S2-Attn with context parallelism on CPU: activation memory, bytes sent and step time
-per rank for P = 1, 2, 4 (``longlora_plugin/s2/context_parallel.py``).
+per rank for P = 1, 2, 4 (``longlora_plugin/s2/halo_exchange.py``).
 
 One training step (forward + backward) of a Llama-style model on one row of ``--length``
 tokens, S2 group ``--group``, under ``torch.distributed.run`` with gloo. Per rank it

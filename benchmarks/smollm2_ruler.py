@@ -51,18 +51,19 @@ def evaluate(args: argparse.Namespace) -> Path:
     import torch
 
     from demo.corpora import austen_novels
-    from longlora_plugin.evaluation import ruler, ruler_eval
+    from longlora_plugin.evaluation import ruler_eval, ruler_tasks
     from longlora_plugin.evaluation.models import load_eval_model
+    from longlora_plugin.evaluation.ruler_prompts import sentences
 
     emma = austen_novels()["emma"]
-    essay = ruler.sentences(emma.read_text(encoding="utf-8"))
+    essay = sentences(emma.read_text(encoding="utf-8"))
     item = load_eval_model(
         model_specs(args.model_dir, args.adapter_dir)[args.model], dtype="float32", device="cpu"
     )
     started = time.perf_counter()
     parts = []
     for task in args.tasks.split(","):  # --samples haystacks per task and length
-        questions = min(args.questions_per_haystack, ruler.max_questions(task))
+        questions = min(args.questions_per_haystack, ruler_tasks.max_questions(task))
         parts.append(
             ruler_eval.run(
                 [item],

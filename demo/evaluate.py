@@ -98,11 +98,11 @@ def _ruler(specs: dict[str, ModelSpec], lengths: Any, samples: int = RULER_SAMPL
     saying that none fits."""
     from transformers import AutoTokenizer
 
-    from longlora_plugin.evaluation import ruler, ruler_eval
+    from longlora_plugin.evaluation import ruler, ruler_eval, ruler_tasks
     from longlora_plugin.evaluation.report import ruler_table
 
     tokenizer = AutoTokenizer.from_pretrained(specs["base"].path)
-    offline = [name for name, task in ruler.TASKS.items() if task.haystack != "essay"]
+    offline = [name for name, task in ruler_tasks.TASKS.items() if task.haystack != "essay"]
     limit = max(lengths.eval_lengths)
     shortest = {name: ruler.shortest_length(name, tokenizer, limit=limit) for name in offline}
     fitting = [name for name, n in shortest.items() if n is not None and n <= lengths.base]

@@ -28,7 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from longlora_plugin.axolotl.report import Report, build_report
+from longlora_plugin.axolotl.validate_report import Report, build_report
 
 PLUGIN_NAMES = ("longlora_plugin.LongLoRAPlugin", "longlora_plugin.plugin.LongLoRAPlugin")
 

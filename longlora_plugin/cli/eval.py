@@ -13,18 +13,20 @@ import argparse
 import logging
 import sys
 import typing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from longlora_plugin.evaluation.loss import DEFAULT_CHUNK_TOKENS
-from longlora_plugin.evaluation.models import ModelSpec, RopeOverride
 from longlora_plugin.evaluation.passkey import DEFAULT_DEPTHS, DEFAULT_TRIALS
 from longlora_plugin.evaluation.perplexity import DEFAULT_STRIDE, Convention
-from longlora_plugin.evaluation.ruler import TASKS
-from longlora_plugin.evaluation.ruler_eval import (
+from longlora_plugin.evaluation.ruler_tasks import (
     DEFAULT_RELATIVE,
     DEFAULT_SAMPLES,
     RULER_THRESHOLD,
+    TASKS,
 )
+
+if TYPE_CHECKING:
+    from longlora_plugin.evaluation.models import ModelSpec
 
 
 def _number_list(text: str, cast: type, allowed, kind: str, rule: str) -> list:
@@ -77,6 +79,8 @@ def _positive(text: str) -> int:
 def model_specs(models: list[str], ropes: list[str] | None) -> list[ModelSpec]:
     """``--model`` and ``--rope`` values -> specs; raise ``ValueError`` on bad input
     (duplicate names, a ``--rope`` naming no model)."""
+    from longlora_plugin.evaluation.models import ModelSpec, RopeOverride
+
     specs = [ModelSpec.parse(m) for m in models]
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
@@ -288,7 +292,8 @@ def _run_passkey(args: argparse.Namespace) -> int:
 
 
 def _run_ruler(args: argparse.Namespace) -> int:
-    from longlora_plugin.evaluation import ruler, ruler_eval, runner
+    from longlora_plugin.evaluation import ruler_eval, runner
+    from longlora_plugin.evaluation.ruler_prompts import sentences
     from longlora_plugin.evaluation.texts import load_texts
 
     logging.basicConfig(level=logging.WARNING)
@@ -298,9 +303,9 @@ def _run_ruler(args: argparse.Namespace) -> int:
         docs = load_texts(args.data, text_field=args.text_field) if args.data else []
     except ValueError as err:
         return _usage_error(err)
-    essay = [s for doc in docs for s in ruler.sentences(doc)]
+    essay = [s for doc in docs for s in sentences(doc)]
     if not essay:
-        dropped = [t for t in tasks if ruler.TASKS[t].haystack == "essay"]
+        dropped = [t for t in tasks if TASKS[t].haystack == "essay"]
         tasks = [t for t in tasks if t not in dropped]
         if dropped:
             print(f"longlora eval ruler: no --data: essay tasks skipped: {', '.join(dropped)}")

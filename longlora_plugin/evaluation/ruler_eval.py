@@ -28,15 +28,18 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from longlora_plugin.evaluation import ruler
+from longlora_plugin.evaluation import ruler, ruler_tasks
 from longlora_plugin.evaluation.models import EvalModel
 from longlora_plugin.evaluation.ruler import Sample
+from longlora_plugin.evaluation.ruler_prompts import chat_frame
+from longlora_plugin.evaluation.ruler_tasks import (
+    DEFAULT_RELATIVE,
+    DEFAULT_SAMPLES,
+    RULER_THRESHOLD,
+)
 from longlora_plugin.evaluation.runner import release
 
 LOG = logging.getLogger("longlora_plugin")
-RULER_THRESHOLD = 85.6  # Llama-2-7B's average at 4k in RULER's paper
-DEFAULT_RELATIVE = 0.9
-DEFAULT_SAMPLES = 5
 
 
 def string_match_all(prediction: str, references: Sequence[str]) -> float:
@@ -181,7 +184,7 @@ def run(
     models: Iterable[EvalModel],
     *,
     lengths: Sequence[int],
-    tasks: Sequence[str] = tuple(ruler.TASKS),
+    tasks: Sequence[str] = tuple(ruler_tasks.TASKS),
     samples: int = DEFAULT_SAMPLES,
     questions_per_haystack: int = 1,
     seed: int = 0,
@@ -196,11 +199,11 @@ def run(
     samples for every model with the same tokenizer); returns the ``ruler`` payload
     described in :mod:`longlora_plugin.evaluation.report`. A cell whose task cannot be
     built at that length (prompt too short, no essay text) is skipped with a warning.
-    ``questions_per_haystack`` > 1: tasks that allow it (:func:`ruler.max_questions`) ask
+    ``questions_per_haystack`` > 1: tasks that allow it (:func:`ruler_tasks.max_questions`) ask
     up to that many questions about each haystack and prefill it once (:func:`answer_all`)."""
-    unknown = [t for t in tasks if t not in ruler.TASKS]
+    unknown = [t for t in tasks if t not in ruler_tasks.TASKS]
     if unknown:
-        raise ValueError(f"unknown RULER tasks {unknown}; allowed: {', '.join(ruler.TASKS)}")
+        raise ValueError(f"unknown RULER tasks {unknown}; allowed: {', '.join(ruler_tasks.TASKS)}")
     if questions_per_haystack < 1:
         raise ValueError(f"questions_per_haystack must be >= 1, got {questions_per_haystack}")
     infos: list[dict[str, Any]] = []
@@ -209,7 +212,7 @@ def run(
     skipped: list[dict[str, Any]] = []
     for item in models:
         infos.append(item.info())
-        chat = ruler.chat_frame(item.tokenizer) if chat_template else None
+        chat = chat_frame(item.tokenizer) if chat_template else None
         bar = tqdm(
             total=len(tasks) * len(lengths) * samples,
             desc=f"ruler {item.name}",
@@ -219,7 +222,7 @@ def run(
         for task in tasks:
             for length in sorted(lengths):
                 bar.set_postfix_str(f"{task} L={length}")
-                per = min(questions_per_haystack, ruler.max_questions(task), samples)
+                per = min(questions_per_haystack, ruler_tasks.max_questions(task), samples)
                 built_at = time.perf_counter()
                 try:
                     groups = [

@@ -2,7 +2,9 @@
 
 ``backend`` registers it with transformers and switches models to it; ``attention``
 computes one layer's call; ``layout`` places the groups of a batch; ``kernels`` holds the
-causal kernels it runs on. Nothing here imports Axolotl.
+causal kernels it runs on; ``context_parallel`` (the process groups, sharding and gradient
+reduction), ``halo_exchange`` (the attention of one rank's chunk) and ``row_gather`` split
+each row across ranks. Nothing here imports Axolotl.
 """
 
 from longlora_plugin.s2.backend import (

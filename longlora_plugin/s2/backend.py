@@ -34,7 +34,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from longlora_plugin.s2.attention import s2_attention
-from longlora_plugin.s2.context_parallel import ContextParallel, Plan, build_plan, s2_attention_cp
+from longlora_plugin.s2.context_parallel import ContextParallel
+from longlora_plugin.s2.halo_exchange import Plan, build_plan, s2_attention_cp
 from longlora_plugin.s2.kernels import select_kernel
 from longlora_plugin.s2.layout import KernelKind, Layout, build_layout
 

@@ -381,7 +381,7 @@ def test_zero3_with_modules_to_save_needs_a_deepspeed_that_serves_them(cfg_for, 
     # ZeRO-3 with the DeepSpeed the dev extra installs (tests/axolotl/test_sharding.py)
     from axolotl.utils.dict import DictDefault
 
-    from longlora_plugin.axolotl.plugin import LongLoRAPlugin
+    from longlora_plugin.axolotl.plugin_hooks import LongLoRAPlugin
 
     # register only: loading a valid DeepSpeed config starts torch.distributed in-process
     LongLoRAPlugin().register(DictDefault(cfg_for(deepspeed=ZERO[2])))
@@ -662,7 +662,7 @@ def test_one_plugin_acts_whatever_the_spelling(cfg_for, plugins, monkeypatch):
     instances also broke Axolotl 0.21's schema merge (``duplicate base class
     LongLoRAArgs``)."""
     from longlora_plugin.axolotl.modules_to_save import add_trainable_modules
-    from longlora_plugin.axolotl.plugin import LongLoRAPlugin
+    from longlora_plugin.axolotl.plugin_hooks import LongLoRAPlugin
 
     calls = []
 
@@ -670,7 +670,7 @@ def test_one_plugin_acts_whatever_the_spelling(cfg_for, plugins, monkeypatch):
         calls.append(args)
         return add_trainable_modules(*args, **kwargs)
 
-    monkeypatch.setattr("longlora_plugin.axolotl.plugin.add_trainable_modules", counting)
+    monkeypatch.setattr("longlora_plugin.axolotl.plugin_hooks.add_trainable_modules", counting)
     cfg = load(cfg_for(plugins=plugins or None))
     acting = [p for p in _plugins().values() if isinstance(p, LongLoRAPlugin) and p.is_primary()]
     assert len(acting) == 1 and acting[0]._rope is not None and cfg.longlora is not None
@@ -737,7 +737,7 @@ def test_context_parallel_on_one_process_fails_when_the_trainer_starts(cfg_for, 
 def test_context_parallel_refuses_label_smoothing(tiny_llama, tmp_path):
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-    from longlora_plugin.axolotl.context_parallel import split_rows
+    from longlora_plugin.axolotl.split_training_step import split_rows
     from longlora_plugin.s2.context_parallel import ContextParallel
 
     args = TrainingArguments(str(tmp_path), label_smoothing_factor=0.1, use_cpu=True)

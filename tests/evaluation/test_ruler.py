@@ -1,6 +1,6 @@
-"""RULER-style tasks (``longlora_plugin/evaluation/ruler.py``, ``ruler_eval.py``): exact
-prompt lengths, needles at their depths, RULER's scoring and summary rules, and the
-``longlora eval ruler`` outputs."""
+"""RULER-style tasks (``longlora_plugin/evaluation/ruler.py``, ``ruler_tasks.py``,
+``ruler_prompts.py``, ``ruler_eval.py``): exact prompt lengths, needles at their depths,
+RULER's scoring and summary rules, and the ``longlora eval ruler`` outputs."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from longlora_plugin.cli import main
-from longlora_plugin.evaluation import ruler
+from longlora_plugin.evaluation import ruler, ruler_tasks
 from longlora_plugin.evaluation.ruler_eval import (
     effective_length,
     run,
     string_match_all,
     summarize,
 )
+from longlora_plugin.evaluation.ruler_prompts import sentences
 from tests.support import retrievers
 
 ESSAY_TEXT = " ".join(
@@ -38,9 +39,9 @@ def _span(tokenizer, sample: ruler.Sample) -> str:
 
 
 @pytest.mark.parametrize("length", [3000, 6000])
-@pytest.mark.parametrize("task", list(ruler.TASKS))
+@pytest.mark.parametrize("task", list(ruler_tasks.TASKS))
 def test_every_task_has_exactly_the_requested_length(tokenizer, task, length):
-    essay = ruler.sentences(ESSAY_TEXT)
+    essay = sentences(ESSAY_TEXT)
     sample = ruler.build_sample(task, tokenizer, length, "s", essay=essay)
     assert len(sample.input_ids) + sample.tokens_to_generate == length
     assert sample.input_ids[0] == tokenizer.bos_token_id
@@ -54,7 +55,7 @@ def test_every_task_has_exactly_the_requested_length(tokenizer, task, length):
 
 
 def test_task_parameters_follow_ruler(tokenizer):
-    tokens = {t.kind: t.tokens_to_generate for t in ruler.TASKS.values()}
+    tokens = {t.kind: t.tokens_to_generate for t in ruler_tasks.TASKS.values()}
     assert tokens == {
         "niah": 128,
         "variable_tracking": 30,
@@ -72,7 +73,7 @@ def test_task_parameters_follow_ruler(tokenizer):
     uuids = ruler.build_sample("niah_multikey_3", tokenizer, 4000, 1)
     assert len(uuids.references[0]) == 36 and uuids.references[0].count("-") == 4
     vt = ruler.build_sample("vt", tokenizer, 2000, 1)
-    assert len(vt.references) == ruler.VT_HOPS + 1
+    assert len(vt.references) == ruler_tasks.VT_HOPS + 1
     assert f"VAR {vt.references[1]} = VAR {vt.references[0]}" in _span(tokenizer, vt)
 
 
@@ -157,7 +158,7 @@ def test_cli_writes_json_table_and_heatmap(tiny_llama: Path, tmp_path, capsys):
     for row in payload["results"]:
         assert 0 <= row["score"] <= 100 and row["prefill_tokens_per_s"] > 0
     for record in payload["samples"]:
-        assert record["prompt_tokens"] + ruler.TASKS[record["task"]].tokens_to_generate in (
+        assert record["prompt_tokens"] + ruler_tasks.TASKS[record["task"]].tokens_to_generate in (
             2500,
             3000,
         )
@@ -179,8 +180,8 @@ def test_cli_writes_json_table_and_heatmap(tiny_llama: Path, tmp_path, capsys):
 # ---------------------------------------------------------------------- one prefill, several questions
 @pytest.mark.parametrize("task", ["niah_multikey_1", "niah_multikey_2", "niah_multikey_3"])
 def test_questions_about_one_haystack_keep_the_exact_length(tokenizer, task):
-    essay = ruler.sentences(ESSAY_TEXT)
-    questions = ruler.max_questions(task) if task == "niah_multikey_1" else 5
+    essay = sentences(ESSAY_TEXT)
+    questions = ruler_tasks.max_questions(task) if task == "niah_multikey_1" else 5
     group = ruler.build_samples(task, tokenizer, 3000, "q", questions=questions, essay=essay)
     assert len(group) == questions
     shared = group[0].prefix_length
@@ -212,7 +213,7 @@ def _keys_in(tokenizer, sample: ruler.Sample) -> list[str]:
 def test_questions_per_haystack_is_refused_where_the_task_has_one_question(tokenizer):
     with pytest.raises(ValueError, match=r"niah_single_1: questions per haystack 2 .* 1 to 1"):
         ruler.build_samples("niah_single_1", tokenizer, 3000, "q", questions=2)
-    assert ruler.max_questions("niah_multivalue") == ruler.max_questions("vt") == 1
+    assert ruler_tasks.max_questions("niah_multivalue") == ruler_tasks.max_questions("vt") == 1
 
 
 def test_reused_prefill_gives_the_answers_of_separate_prefills(tiny_llama: Path):

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from longlora_plugin.s2.backend import S2Settings, s2_attention_forward
 from longlora_plugin.s2.layout import build_layout, regular_pieces
-from tests.support import varlen_contracts
-from tests.support.s2_calls import BACKENDS, Attn, run_s2
-from tests.support.s2_reference import dense_attention, s2_allowed
+from s2_harness import varlen_contracts
+from s2_harness.calls import BACKENDS, Attn, run_s2
+from s2_harness.reference import dense_attention, s2_allowed
 
 
 @st.composite

@@ -1,7 +1,8 @@
-"""S2-Attn with context parallelism (``longlora_plugin/s2/context_parallel.py``): rows
-split over 2 and 4 CPU processes (``torch.distributed.run``, gloo) give the loss, logits
-and parameter gradients of single-process S2, leak nothing backwards, and send exactly
-the halo bytes of the cost model."""
+"""S2-Attn with context parallelism (``longlora_plugin/s2/context_parallel.py``,
+``halo_exchange.py``, ``row_gather.py``): rows split over 2 and 4 CPU processes
+(``torch.distributed.run``, gloo) give the loss, logits and parameter gradients of
+single-process S2, leak nothing backwards, and send exactly the halo bytes of the cost
+model."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import json
 import pytest
 import torch
 
-from longlora_plugin.s2.context_parallel import halo_needs
+from longlora_plugin.s2.halo_exchange import halo_needs
 from tests.support import cp_worker
 from tests.support.ranks import run_module
 

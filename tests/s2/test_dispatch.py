@@ -26,8 +26,8 @@ import torch
 
 from longlora_plugin import disable_s2_attn, enable_s2_attn
 from longlora_plugin.s2 import s2_settings
+from s2_harness.models import assert_same, forward_backward, model_inputs, reference_backend
 from tests.support.pretend_flash_attn import STANDIN_DIR
-from tests.support.s2_models import assert_same, forward_backward, model_inputs, reference_backend
 
 IN_CHILD = "LONGLORA_FLASH_STANDIN"
 BACKENDS = ["sdpa", "eager", "flash_attention_2"]

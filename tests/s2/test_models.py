@@ -19,7 +19,7 @@ from transformers import (
 
 from longlora_plugin import disable_s2_attn, enable_s2_attn
 from longlora_plugin.s2 import s2_settings
-from tests.support.s2_models import (
+from s2_harness.models import (
     COMMON,
     GROUP,
     LENGTH,
@@ -214,7 +214,7 @@ def test_host_syncs_do_not_grow_with_layers(kernel, layout):
 
     from longlora_plugin.s2 import backend as backend_module
     from longlora_plugin.s2.kernels import FLASH_ATTN_VARLEN, TORCH_VARLEN
-    from tests.support import varlen_contracts
+    from s2_harness import varlen_contracts
 
     inputs, _ = model_inputs(layout)
     counts = []

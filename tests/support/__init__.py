@@ -1,1 +1,2 @@
-"""Helpers shared by the tests (and the GPU check): references, stand-ins, tiny models."""
+"""Helpers shared by the tests: stand-ins, tiny models, launchers. What the GPU check
+(``benchmarks/``) runs too, the S2 references and harness, is ``s2_harness/``."""

@@ -136,6 +136,7 @@ def niah_tokenizer(vocab_size: int = 2000):
     lines and at its key and value) and wonderwords' adjectives and nouns (RULER's keys):
     the template and a noise line are one token each, a key about 7 tokens."""
     from longlora_plugin.evaluation import ruler
+    from longlora_plugin.evaluation.ruler_prompts import wordlist
 
     byte_level = copy_tokenizer([], vocab_size=300)
     sample = ruler.build_sample("niah_single_1", byte_level, 1200, "vocab")
@@ -146,7 +147,7 @@ def niah_tokenizer(vocab_size: int = 2000):
         for part in re.split(f"{re.escape(key)}|{sample.references[0]}", text)
         for line in part.splitlines(keepends=True)
     }
-    words = ruler._wordlist("adjectivelist.txt") + ruler._wordlist("nounlist.txt")
+    words = wordlist("adjectivelist.txt") + wordlist("nounlist.txt")
     return copy_tokenizer(sorted(pieces) * 50 + list(words), vocab_size=vocab_size)
 
 

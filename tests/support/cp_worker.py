@@ -24,8 +24,9 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from longlora_plugin import enable_s2_attn
-from longlora_plugin.s2.context_parallel import ContextParallel, gather_rows
-from tests.support.s2_models import configs
+from longlora_plugin.s2.context_parallel import ContextParallel
+from longlora_plugin.s2.row_gather import gather_rows
+from s2_harness.models import configs
 
 LENGTH = 48
 ARCHS = ("llama", "llama-9-3", "mistral-window")

@@ -17,7 +17,10 @@ and, as the noise floor, DDP vs ZeRO-3 on whole rows (the same computation, anot
 summation order). Per pair: the largest difference of the saved adapter tensors (LoRA,
 embeddings, norms) and the logged losses. Writes ``benchmarks/results/cp_axolotl_cpu.json``.
 
-    .venv/bin/python -m benchmarks.cp_axolotl_equality      # ~10 min on 2 cores
+    .venv/bin/python -m tests.support.cp_axolotl_equality      # ~10 min on 2 cores
+
+It lives next to the multi-rank launchers of the tests it is built on (``ranks.py``): the
+benchmarks never import the tests.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from safetensors.torch import load_file
 from tests.support.ranks import ZERO, axolotl, environment, lora_config, write_config
 from tests.support.tiny_models import build_tiny_model, write_text_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RESULT = REPO / "benchmarks" / "results" / "cp_axolotl_cpu.json"
 # name: (ranks, context_parallel, extra config)
 RUNS = {

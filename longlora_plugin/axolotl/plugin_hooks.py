@@ -16,7 +16,7 @@ Hook use (the same hooks in Axolotl 0.19 and 0.21):
   ``max_position_embeddings`` (dynamic NTK reads it as the pre-training length).
 * ``post_trainer_create`` - ``longlora.context_parallel > 1``: builds the context-parallel
   process groups, re-enables S2-Attn with them and splits each row's training step over
-  them (:mod:`~longlora_plugin.axolotl.context_parallel`).
+  them (:mod:`~longlora_plugin.axolotl.split_training_step`).
 * ``post_train`` (called twice by Axolotl) - switches back to the wrapped attention
   backend; idempotent. With ``longlora.eval`` it evaluates the trained model once, at
   the second call (after the model is saved), into ``<output_dir>/longlora_eval/``.
@@ -240,7 +240,7 @@ class LongLoRAPlugin(BasePlugin):
     @_primary_only
     def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
         """``longlora.context_parallel > 1``: split each row over that many processes
-        (:mod:`~longlora_plugin.axolotl.context_parallel`)."""
+        (:mod:`~longlora_plugin.axolotl.split_training_step`)."""
         if cfg.get("longlora") is None or not self._s2_on:
             return
         settings, _ = self._prepared(cfg)
@@ -249,7 +249,7 @@ class LongLoRAPlugin(BasePlugin):
             return
         import torch.distributed as dist
 
-        from longlora_plugin.axolotl.context_parallel import split_rows
+        from longlora_plugin.axolotl.split_training_step import split_rows
         from longlora_plugin.s2 import enable_s2_attn
         from longlora_plugin.s2.context_parallel import context_parallel_groups
 

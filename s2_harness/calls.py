@@ -13,10 +13,10 @@ import torch
 from longlora_plugin.s2 import backend as backend_module
 from longlora_plugin.s2.backend import DeferredMask, S2Settings, s2_attention_forward
 from longlora_plugin.s2.kernels import TORCH_VARLEN
-from tests.support import varlen_contracts
+from s2_harness import varlen_contracts
 
 # S2 paths under test: the padded CPU kernels, and the two varlen kernels (CUDA only)
-# through the stand-ins of tests/support/varlen_contracts.py.
+# through the stand-ins of s2_harness/varlen_contracts.py.
 BACKENDS = ["sdpa", "eager", "torch_varlen", "flash_attention_2"]
 
 

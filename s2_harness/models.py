@@ -18,7 +18,7 @@ from transformers import (
 from transformers.masking_utils import AttentionMaskInterface
 
 from longlora_plugin import enable_s2_attn
-from tests.support.s2_reference import dense_attention, s2_allowed
+from s2_harness.reference import dense_attention, s2_allowed
 
 LAYOUTS = ("plain", "padded", "packed")
 GROUP = 8

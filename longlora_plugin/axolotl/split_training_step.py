@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 
 from longlora_plugin.s2 import disable_s2_attn, unwrap_model
-from longlora_plugin.s2.context_parallel import ContextParallel, gather_rows
+from longlora_plugin.s2.context_parallel import ContextParallel
+from longlora_plugin.s2.row_gather import gather_rows
 
 
 @contextlib.contextmanager
