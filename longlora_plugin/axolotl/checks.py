@@ -9,7 +9,12 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from longlora_plugin.axolotl.cfg import attention_implementation, fsdp_version, zero_stage
+from longlora_plugin.axolotl.cfg import (
+    attention_implementation,
+    base_model_config,
+    fsdp_version,
+    zero_stage,
+)
 from longlora_plugin.config import LongLoRAConfig, LongLoRAConfigError
 from longlora_plugin.s2 import SUPPORTED_BACKENDS
 
@@ -84,6 +89,34 @@ def check_combinations(cfg: Any, settings: LongLoRAConfig, sequence_len: int) ->
                 f"{key}={cfg.get(key)!r}: longlora.s2_attn wraps only {', '.join(backends)}; "
                 "change attn_implementation or set longlora.s2_attn: false"
             )
+        if impl == "flash_attention_2" and not cfg.get("merge_lora") and _axolotl_picks_fa4(cfg):
+            raise LongLoRAConfigError(
+                f"{key}={cfg.get(key)!r} on this GPU: Axolotl's model loader switches it to "
+                "flash_attention_4 by itself when FlashAttention-4 (flash_attn.cute) is "
+                "installed and usable, and longlora.s2_attn does not wrap flash_attention_4; "
+                "use attn_implementation: sdpa (PyTorch's FlashAttention-2 kernels on CUDA), "
+                "uninstall flash-attn-4, or set longlora.s2_attn: false"
+            )
+
+
+def _axolotl_picks_fa4(cfg: Any) -> bool:
+    """Whether Axolotl's ``ModelLoader._resolve_flash_attention_4`` (0.19 and 0.21) would
+    turn ``flash_attention_2`` into ``flash_attention_4``: with no ring attention, when its
+    ``fa4_usable`` says so for the base model (an SM90/100/110 GPU, ``flash_attn.cute``,
+    FA4's head-dim limits). False wherever that check does not exist or has no CUDA."""
+    if _axolotl_context_parallel(cfg) is not None:
+        return False
+    try:
+        from axolotl.monkeypatch.attention.flash_attn_4 import fa4_usable
+    except ImportError:
+        return False
+    if not fa4_usable():  # no CUDA, no FA4 or the wrong GPU: no model config needed
+        return False
+    try:
+        model_config = base_model_config(cfg)
+    except (OSError, ValueError):
+        return True
+    return bool(fa4_usable(model_config))
 
 
 def _check_context_parallel(cfg: Any, settings: LongLoRAConfig, fsdp: int | None) -> None:

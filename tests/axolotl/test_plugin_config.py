@@ -835,3 +835,24 @@ def test_eval_block_errors_before_training(cfg_for, tmp_path):
         "longlora.eval.passkey_trials=0",
         "integer >= 1",
     )
+
+
+def test_s2_with_flash_attention_2_refused_where_axolotl_would_pick_fa4(cfg_for, monkeypatch):
+    """On an SM90+ GPU with FlashAttention-4 installed, Axolotl's model loader turns
+    ``flash_attention_2`` into ``flash_attention_4``, which S2 does not wrap: refused at
+    ``register``, before the model loads. A CPU has no such GPU, so Axolotl's own
+    ``fa4_usable`` is made to say yes; everywhere else it says no and nothing changes."""
+    from axolotl.monkeypatch.attention import flash_attn_4
+
+    flash = {"attn_implementation": "flash_attention_2"}
+    assert not flash_attn_4.fa4_usable()  # this machine: register goes on to the next checks
+    monkeypatch.setattr(flash_attn_4, "fa4_usable", lambda model_config=None: True)
+    assert_error(
+        cfg_for(**flash),
+        "attn_implementation='flash_attention_2'",
+        "flash_attention_4",
+        "attn_implementation: sdpa",
+        "longlora.s2_attn: false",
+    )
+    load(cfg_for(**flash, longlora={"s2_attn": False}))  # full attention: Axolotl's choice
+    load(cfg_for(attn_implementation="sdpa"))
