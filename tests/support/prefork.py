@@ -58,7 +58,8 @@ PRELOAD = (
 GRACE_S = 10.0  # after a failed rank, the others get SIGTERM, then SIGKILL after this
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a launch's ``MASTER_PORT``)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -148,7 +149,7 @@ class Launches:
     def start(self, request: dict[str, Any]) -> int:
         """Fork the ranks of ``request``; returns the launch id."""
         launch = len(self.deadline)
-        port = _free_port()
+        port = free_port()
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
         log_fd = os.open(request["log"], flags, 0o644)
         sys.stdout.flush()

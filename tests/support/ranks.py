@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -59,12 +58,6 @@ def environment(**extra: str) -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def write_config(path: Path, cfg: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -100,7 +93,7 @@ def run_module(
         cmd = [sys.executable, "-m"]
         if ranks > 1:
             cmd += ["torch.distributed.run", "--nproc_per_node", str(ranks)]
-            cmd += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m"]
+            cmd += ["--master_addr", "127.0.0.1", "--master_port", str(prefork.free_port()), "-m"]
         cmd += [module, *args]
         proc = subprocess.run(
             cmd,
