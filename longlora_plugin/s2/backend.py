@@ -5,10 +5,19 @@
 that wrap the backend the model was using (``sdpa``, ``eager`` or ``flash_attention_2``),
 then switches the model to it with ``set_attn_implementation``. No model class is patched.
 
-Registered names (``longlora_s2_<alias>_g<G>`` or ``..._r<ratio>``) contain none of the
-substrings transformers dispatches on: ``flash`` (a flash-attention kernel to load),
-``flex_attention``, ``/`` (a Hub kernel) and ``paged|``. The flash-attn wrapper's alias is
-``fa2``. docs/s2-attn.md lists every place transformers inspects the name.
+transformers finds the attention function by the name in the model config, so the name
+is forced; it is derived from the settings (:attr:`S2Settings.name`), and transformers'
+``AttentionInterface`` is the one registry: the function registered under a name carries
+its :class:`S2Settings` (``function.s2_settings``), which :func:`s2_settings` reads back
+from a model. The settings hold all of S2's state for the models that use them, the
+context-parallel group included; per-forward state (the S2 layout) lives on the
+:class:`DeferredMask` of that forward.
+
+Registered names (``longlora_s2_<alias>_g<G>`` or ``..._r<ratio>``, then ``_cp<P>`` with
+context parallelism) contain none of the substrings transformers dispatches on: ``flash``
+(a flash-attention kernel to load), ``flex_attention``, ``/`` (a Hub kernel) and
+``paged|``. The flash-attn wrapper's alias is ``fa2``. docs/s2-attn.md lists every place
+transformers inspects the name.
 
 Contract of the attention function:
 
@@ -25,8 +34,9 @@ full-attention (eval) call asks for the mask, so training never materialises an
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
@@ -35,12 +45,17 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from longlora_plugin.s2.attention import s2_attention
 from longlora_plugin.s2.context_parallel import ContextParallel
+from longlora_plugin.s2.group_size import (
+    DEFAULT_GROUP_SIZE_RATIO,
+    MIN_GROUP_SIZE,
+    group_size_for,
+    validate_group,
+)
 from longlora_plugin.s2.halo_exchange import Plan, build_plan, s2_attention_cp
 from longlora_plugin.s2.kernels import select_kernel
 from longlora_plugin.s2.layout import KernelKind, Layout, build_layout
 
 NAME_PREFIX = "longlora_s2"
-DEFAULT_GROUP_SIZE_RATIO = 0.25  # the paper's G = L / 4
 # wrapped backend -> the alias in registered names (no "flash": see the module docstring)
 BACKEND_ALIASES: dict[str, str] = {"sdpa": "sdpa", "eager": "eager", "flash_attention_2": "fa2"}
 SUPPORTED_BACKENDS: tuple[str, ...] = tuple(BACKEND_ALIASES)
@@ -48,51 +63,38 @@ SUPPORTED_BACKENDS: tuple[str, ...] = tuple(BACKEND_ALIASES)
 
 @dataclass(frozen=True)
 class S2Settings:
-    """What one registered S2 backend does: the backend it wraps and how groups are sized."""
+    """What one registered S2 backend does: the backend it wraps, how groups are sized
+    (:mod:`~longlora_plugin.s2.group_size`) and, with context parallelism, the group of
+    ranks that split each row."""
 
     backend: str
     group_size: int | None
     group_size_ratio: float
-    context_parallel: int = 1  # ranks that split each row
+    context_parallel: ContextParallel | None = field(default=None, compare=False)
+
+    @property
+    def ranks(self) -> int:
+        """Ranks that split each row (1 without context parallelism)."""
+        return self.context_parallel.size if self.context_parallel is not None else 1
 
     @property
     def name(self) -> str:
         size = (
             f"g{self.group_size}" if self.group_size is not None else f"r{self.group_size_ratio:g}"
         )
-        split = f"_cp{self.context_parallel}" if self.context_parallel > 1 else ""
+        split = f"_cp{self.ranks}" if self.ranks > 1 else ""
         return f"{NAME_PREFIX}_{BACKEND_ALIASES[self.backend]}_{size}{split}"
 
     def resolve(self, length: int) -> int:
         """Group size G for rows of ``length`` tokens."""
-        if self.group_size is not None:
-            return self.group_size
-        group = int(self.group_size_ratio * length)
-        if group < 2:
+        group = group_size_for(length, self.group_size, self.group_size_ratio)
+        if self.group_size is None and group < MIN_GROUP_SIZE:
             raise ValueError(
-                f"S2-Attn: group_size_ratio={self.group_size_ratio} on rows of {length} tokens gives "
-                f"group size {group}; it must be >= 2 (use longer rows or set group_size)"
+                f"S2-Attn: group_size_ratio={self.group_size_ratio} on rows of {length} "
+                f"tokens gives group size {group}; it must be >= {MIN_GROUP_SIZE} (use longer "
+                "rows or set group_size)"
             )
         return group
-
-
-_REGISTERED: dict[str, S2Settings] = {}
-_CONTEXT_PARALLEL: dict[str, ContextParallel] = {}
-
-
-def validate_group(group_size: int | None, group_size_ratio: float | None) -> None:
-    """Raise ``ValueError`` naming the argument unless ``group_size >= 2`` (when given)
-    and ``0 < group_size_ratio <= 1``."""
-    if group_size is not None and (
-        isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2
-    ):
-        raise ValueError(f"group_size={group_size!r} is invalid: it must be an integer >= 2")
-    if group_size is None and (
-        group_size_ratio is None
-        or not isinstance(group_size_ratio, (int, float))
-        or not 0 < group_size_ratio <= 1
-    ):
-        raise ValueError(f"group_size_ratio={group_size_ratio!r} is outside (0, 1]")
 
 
 def enable_s2_attn(
@@ -121,11 +123,10 @@ def enable_s2_attn(
         )
     if backend == "flash_attention_2":
         _require_flash_attn()
-    split = context_parallel.size if context_parallel is not None else 1
-    settings = S2Settings(backend, group_size, float(group_size_ratio), split)
+    if context_parallel is not None and context_parallel.size == 1:
+        context_parallel = None  # one rank holds whole rows: plain S2
+    settings = S2Settings(backend, group_size, float(group_size_ratio), context_parallel)
     _register(settings)
-    if context_parallel is not None:
-        _CONTEXT_PARALLEL[settings.name] = context_parallel
     base.set_attn_implementation(settings.name)
     return model
 
@@ -142,13 +143,13 @@ def disable_s2_attn(model: torch.nn.Module) -> torch.nn.Module:
 def wrapped_backend(model: torch.nn.Module) -> str:
     """The backend ``model`` runs under S2-Attn, or its current backend when S2 is off."""
     current = unwrap_model(model).config._attn_implementation
-    settings = _REGISTERED.get(current)
+    settings = _registered(current)
     return settings.backend if settings else current
 
 
 def s2_settings(model: torch.nn.Module) -> S2Settings | None:
     """The active S2 settings of ``model``, or None."""
-    return _REGISTERED.get(unwrap_model(model).config._attn_implementation)
+    return _registered(unwrap_model(model).config._attn_implementation)
 
 
 def unwrap_model(model: torch.nn.Module) -> PreTrainedModel:
@@ -179,8 +180,20 @@ def _require_flash_attn() -> None:
         ) from err
 
 
+def _registered(name: str | None) -> S2Settings | None:
+    """The settings of the S2 function registered under ``name``, or None."""
+    try:
+        function = ALL_ATTENTION_FUNCTIONS[name]
+    except KeyError:  # "eager" lives in each model's file, not in the registry
+        return None
+    return getattr(function, "s2_settings", None)
+
+
 def _register(settings: S2Settings) -> None:
-    if settings.name in _REGISTERED:
+    """Register the functions of ``settings`` under its name; a name already registered
+    keeps its functions unless the context-parallel group changed."""
+    registered = _registered(settings.name)
+    if registered is not None and registered.context_parallel is settings.context_parallel:
         return
     wrapped_mask = ALL_MASK_ATTENTION_FUNCTIONS[settings.backend]
 
@@ -190,26 +203,28 @@ def _register(settings: S2Settings) -> None:
     def mask(**kwargs):
         return DeferredMask(wrapped_mask, kwargs)
 
+    attention.s2_settings = settings
     AttentionInterface.register(settings.name, attention)
     AttentionMaskInterface.register(settings.name, mask)
-    _REGISTERED[settings.name] = settings
 
 
 class DeferredMask:
     """The wrapped backend's attention mask, built on first request and then cached.
 
-    Carries the 2D padding mask (``padding``, ``[B, kv_len]`` or None) and a per-forward
-    cache of S2 layouts, so the layout is computed once for all layers.
+    Carries the 2D padding mask (``padding``, ``[B, kv_len]`` or None) and the forward's
+    S2 layouts (``layouts``, by group size and kernel kind) or context-parallel plans
+    (``plans``, by group size and sliding window), so each is computed once for all layers.
     """
 
-    __slots__ = ("_builder", "_kwargs", "_built", "_mask", "layouts")
+    __slots__ = ("_builder", "_kwargs", "_built", "_mask", "layouts", "plans")
 
     def __init__(self, builder, kwargs: dict[str, Any]):
         self._builder = builder
         self._kwargs = kwargs
         self._built = False
         self._mask = None
-        self.layouts: dict[tuple, Layout | Plan] = {}
+        self.layouts: dict[tuple[int, KernelKind], Layout] = {}
+        self.plans: dict[tuple[int, int | None], Plan] = {}
 
     @property
     def padding(self) -> torch.Tensor | None:
@@ -229,7 +244,7 @@ class DeferredMask:
 
 def s2_attention_forward(settings: S2Settings, module, query, key, value, attention_mask, **kwargs):
     """AttentionInterface entry point: S2 while ``module.training``, the wrapped backend otherwise."""
-    cp = _CONTEXT_PARALLEL.get(settings.name) if settings.context_parallel > 1 else None
+    cp = settings.context_parallel
     if cp is not None and not module.training:
         raise NotImplementedError(
             "S2-Attn with context parallelism runs in training mode only: a split row would "
@@ -256,7 +271,7 @@ def s2_attention_forward(settings: S2Settings, module, query, key, value, attent
             "S2-Attn needs the 2D padding mask; the model was given a prepared 4D attention mask"
         )
     batch, _, length, _ = query.shape
-    group = settings.resolve(length * settings.context_parallel)
+    group = settings.resolve(length * settings.ranks)
     dropout = kwargs.get("dropout", 0.0)
     kernel = select_kernel(settings.backend, query.device, query.dtype, dropout)
     half_dtype = None
@@ -264,81 +279,54 @@ def s2_attention_forward(settings: S2Settings, module, query, key, value, attent
         from transformers.integrations.flash_attention import get_target_dtype
 
         half_dtype = get_target_dtype(query, module)
+    position_ids, window = kwargs.get("position_ids"), kwargs.get("sliding_window")
+    deferred = attention_mask if isinstance(attention_mask, DeferredMask) else None
+    options = {
+        "scaling": kwargs.get("scaling"),
+        "dropout": dropout,
+        "window": window,
+        "half_dtype": half_dtype,
+    }
     if cp is not None:
-        window = kwargs.get("sliding_window")
-        plan = _cached_plan(
-            cp, attention_mask, kwargs.get("position_ids"), padding, query, group, window
+        plan = _per_forward(
+            deferred.plans if deferred is not None else None,
+            (group, window),
+            lambda: build_plan(
+                cp, position_ids, padding, (batch, length), group, window, query.device
+            ),
         )
-        out = s2_attention_cp(
-            cp,
-            plan,
-            kernel,
-            query,
-            key,
-            value,
-            scaling=kwargs.get("scaling"),
-            dropout=dropout,
-            window=window,
-            half_dtype=half_dtype,
-        )
-        return out, None
-    layout = _cached_layout(
-        attention_mask, kwargs.get("position_ids"), padding, query, group, kernel.kind
+        return s2_attention_cp(cp, plan, kernel, query, key, value, **options), None
+    kind = kernel.kind
+    layout = _per_forward(
+        deferred.layouts if deferred is not None else None,
+        (group, kind),
+        lambda: build_layout(position_ids, padding, (batch, length), group, kind, query.device),
     )
-    out = s2_attention(
-        kernel,
-        query,
-        key,
-        value,
-        layout,
-        scaling=kwargs.get("scaling"),
-        dropout=dropout,
-        window=kwargs.get("sliding_window"),
-        half_dtype=half_dtype,
-    )
-    return out, None
+    return s2_attention(kernel, query, key, value, layout, **options), None
 
 
-def _cached_layout(carrier, position_ids, padding, query, group: int, kind: KernelKind) -> Layout:
-    """The batch's layout, built by the first layer and cached on the deferred mask."""
-    cache = carrier.layouts if isinstance(carrier, DeferredMask) else None
-    if cache is not None and (group, kind) in cache:
-        return cache[(group, kind)]
-    batch, _, length, _ = query.shape
-    layout = build_layout(position_ids, padding, (batch, length), group, kind, query.device)
-    if cache is not None:
-        cache[(group, kind)] = layout
-    return layout
+T = TypeVar("T")
 
 
-def _cached_plan(cp, carrier, position_ids, padding, query, group: int, window) -> Plan:
-    """The context-parallel plan of the batch, built by the first layer (one all-gather)
-    and cached on the deferred mask."""
-    cache = carrier.layouts if isinstance(carrier, DeferredMask) else None
-    key = ("cp", group, window)
-    if cache is not None and key in cache:
-        return cache[key]
-    batch, _, length, _ = query.shape
-    plan = build_plan(cp, position_ids, padding, (batch, length), group, window, query.device)
-    if cache is not None:
-        cache[key] = plan
-    return plan
-
-
-_EAGER_FUNCTIONS: dict[type, Any] = {}
+def _per_forward(cache: dict[Any, T] | None, key: Any, build: Callable[[], T]) -> T:
+    """``build()`` once per forward: the first layer builds it, the others find it in
+    ``cache`` (a :class:`DeferredMask`'s; None without one: built on every call)."""
+    if cache is None:
+        return build()
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
 
 
 def _wrapped_function(backend: str, module):
     if backend != "eager":
         return ALL_ATTENTION_FUNCTIONS[backend]
+    # transformers keeps "eager" in each model's file, not in the interface registry.
     cls = type(module)
-    if cls not in _EAGER_FUNCTIONS:
-        # transformers keeps "eager" in each model's file, not in the interface registry.
-        function = getattr(sys.modules[cls.__module__], "eager_attention_forward", None)
-        if function is None:
-            raise NotImplementedError(f"{cls.__name__} has no eager_attention_forward to wrap")
-        _EAGER_FUNCTIONS[cls] = function
-    return _EAGER_FUNCTIONS[cls]
+    function = getattr(sys.modules[cls.__module__], "eager_attention_forward", None)
+    if function is None:
+        raise NotImplementedError(f"{cls.__name__} has no eager_attention_forward to wrap")
+    return function
 
 
 def _as_backend(module, backend: str):
