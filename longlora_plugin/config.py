@@ -12,7 +12,8 @@ errors into one ``LongLoRAConfigError`` whose lines each name the key
 Enumerations come from the modules that implement them (RoPE types from
 :mod:`~longlora_plugin.rope`, trainable kinds from :mod:`~longlora_plugin.trainable`,
 perplexity conventions from :mod:`~longlora_plugin.evaluation.perplexity`), and so do the
-evaluation defaults.
+evaluation defaults (``max_windows`` differs from ``longlora eval ppl``'s on purpose:
+:mod:`~longlora_plugin.evaluation.perplexity` says why).
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ from pydantic import (
 
 from longlora_plugin.config_messages import Allowed, format_error
 from longlora_plugin.evaluation.passkey import DEFAULT_DEPTHS, DEFAULT_TRIALS
-from longlora_plugin.evaluation.perplexity import DEFAULT_STRIDE, Convention
+from longlora_plugin.evaluation.perplexity import DEFAULT_STRIDE, TRAINING_MAX_WINDOWS, Convention
 from longlora_plugin.rope import RopeType
-from longlora_plugin.s2.backend import DEFAULT_GROUP_SIZE_RATIO
+from longlora_plugin.s2.group_size import DEFAULT_GROUP_SIZE_RATIO, MIN_GROUP_SIZE, group_size_for
 from longlora_plugin.trainable import TrainableKind
 
 
@@ -80,7 +81,9 @@ Lengths = Annotated[
     list[Length], BeforeValidator(_none_as_empty), Allowed("a list of integers >= 2")
 ]
 Depth = Annotated[float, Field(ge=0, le=1), Allowed("numbers in [0, 1]", "[0, 1]")]
-GroupSize = Annotated[int, Field(ge=2), Allowed("an integer >= 2 and <= sequence_len")]
+GroupSize = Annotated[
+    int, Field(ge=MIN_GROUP_SIZE), Allowed(f"an integer >= {MIN_GROUP_SIZE} and <= sequence_len")
+]
 Ratio = Annotated[float, Field(gt=0, le=1), Allowed("a number in (0, 1]", "(0, 1]")]
 Factor = Annotated[
     Literal["auto"] | float, BeforeValidator(_factor), Allowed("'auto' or a number >= 1")
@@ -168,7 +171,8 @@ class LongLoRAEvalConfig(BaseModel):
         default=DEFAULT_STRIDE, description="Window stride in tokens (the paper uses 256)."
     )
     max_windows: OptionalPositiveInt = Field(
-        default=32, description="Cap on windows per length and convention (null: all)."
+        default=TRAINING_MAX_WINDOWS,
+        description="Cap on windows per length and convention (null: all).",
     )
     batch_size: PositiveInt = Field(default=1, description="Windows per forward pass.")
     passkey_lengths: Lengths = Field(
@@ -230,8 +234,8 @@ class LongLoRAConfig(BaseModel):
     group_size: GroupSize | None = Field(
         default=None,
         description=(
-            "S2-Attn group size G in tokens (2 <= G <= sequence_len). Set this or "
-            "group_size_ratio, not both."
+            f"S2-Attn group size G in tokens ({MIN_GROUP_SIZE} <= G <= sequence_len). "
+            "Set this or group_size_ratio, not both."
         ),
     )
     group_size_ratio: Ratio | None = Field(
@@ -287,10 +291,9 @@ class LongLoRAConfig(BaseModel):
         return DEFAULT_GROUP_SIZE_RATIO
 
     def group_size_for(self, sequence_len: int) -> int:
-        """The fixed group size G for a run: ``group_size`` or ``int(ratio * sequence_len)``."""
-        if self.group_size is not None:
-            return self.group_size
-        return int(self.effective_group_size_ratio * sequence_len)
+        """The fixed group size G for a run (:func:`~longlora_plugin.s2.group_size.group_size_for`
+        on rows of ``sequence_len`` tokens)."""
+        return group_size_for(sequence_len, self.group_size, self.effective_group_size_ratio)
 
 
 class LongLoRAArgs(BaseModel):

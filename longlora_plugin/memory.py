@@ -61,6 +61,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from longlora_plugin.s2.group_size import DEFAULT_GROUP_SIZE_RATIO, group_size_for
+
 GIB = 1024**3
 OVERHEAD_BYTES = 1 * GIB
 DEFAULT_MFU = 0.47
@@ -297,7 +299,10 @@ def estimate_memory(
             dims, shape, flash=kind == "flash", group_size=group if mode == "S2" else None
         )
         for kind in ("flash", "eager")
-        for mode, group in (("full", None), ("S2", shape.group_size or s // 4))
+        for mode, group in (
+            ("full", None),
+            ("S2", group_size_for(s, shape.group_size, DEFAULT_GROUP_SIZE_RATIO)),
+        )
     }
     terms = {
         "weights": weights,

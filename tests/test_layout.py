@@ -1,6 +1,7 @@
 """The package's architecture holds: the LongLoRA core and the tools that do not need
 Axolotl never import it (the Axolotl adapter does, lazily, when Axolotl loads it); nothing
-outside the tests imports them; the package's modules have unique names and stay short."""
+outside the tests imports them; the package's modules have unique names and stay short;
+S2's group-size rule is written once."""
 
 from __future__ import annotations
 
@@ -98,3 +99,35 @@ def test_package_modules_are_short():
         str(p.relative_to(REPO)): len(p.read_text(encoding="utf-8").splitlines()) for p in modules
     }
     assert not {path: n for path, n in lines.items() if n > LINE_LIMIT}
+
+
+GROUP_RULE = PACKAGE / "s2" / "group_size.py"
+GROUP_CONSTANTS = {"DEFAULT_GROUP_SIZE_RATIO", "MIN_GROUP_SIZE"}
+
+
+def _is_ratio(node: ast.AST) -> bool:
+    name = node.id if isinstance(node, ast.Name) else getattr(node, "attr", "")
+    return "ratio" in name.lower()
+
+
+def test_group_size_rule_is_written_once():
+    """Only :mod:`longlora_plugin.s2.group_size` defines the group-size constants and
+    multiplies a ratio into a group size; everyone else imports them."""
+    found: dict[str, list[str]] = {}
+    for path in _modules("longlora_plugin"):
+        if path == GROUP_RULE:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            where = f"{path.relative_to(REPO)}:{getattr(node, 'lineno', 0)}"
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            if isinstance(node, ast.AnnAssign):
+                targets = [node.target]
+            if any(isinstance(t, ast.Name) and t.id in GROUP_CONSTANTS for t in targets):
+                found.setdefault("defines a group-size constant", []).append(where)
+            if (
+                isinstance(node, ast.BinOp)
+                and isinstance(node.op, ast.Mult)
+                and (_is_ratio(node.left) or _is_ratio(node.right))
+            ):
+                found.setdefault("multiplies a ratio", []).append(where)
+    assert not found

@@ -17,6 +17,7 @@ from longlora_plugin.axolotl.cfg import (
 )
 from longlora_plugin.config import LongLoRAConfig, LongLoRAConfigError
 from longlora_plugin.s2 import SUPPORTED_BACKENDS
+from longlora_plugin.s2.group_size import MIN_GROUP_SIZE
 
 # The first DeepSpeed release whose ZeRO-3 hooks serve PEFT's ModulesToSaveWrapper
 # (DeepSpeed issue #7615, fixed by PR #8144).
@@ -37,14 +38,14 @@ def check_combinations(cfg: Any, settings: LongLoRAConfig, sequence_len: int) ->
             if group > sequence_len:
                 raise LongLoRAConfigError(
                     f"longlora.group_size={group} is larger than sequence_len={sequence_len}; "
-                    "allowed: 2 <= group_size <= sequence_len"
+                    f"allowed: {MIN_GROUP_SIZE} <= group_size <= sequence_len"
                 )
-        elif group < 2:
+        elif group < MIN_GROUP_SIZE:
             ratio = settings.effective_group_size_ratio
             raise LongLoRAConfigError(
                 f"longlora.group_size_ratio={ratio} gives group size int({ratio} * "
                 f"{sequence_len}) = {group} with sequence_len={sequence_len}; the group size "
-                "must be >= 2: raise the ratio or set longlora.group_size"
+                f"must be >= {MIN_GROUP_SIZE}: raise the ratio or set longlora.group_size"
             )
     adapter = cfg.get("adapter")
     if adapter and cfg.get("unfrozen_parameters"):
