@@ -15,9 +15,10 @@ import sys
 import typing
 from typing import TYPE_CHECKING, Any
 
+from longlora_plugin.evaluation.dtypes import DTYPE_CHOICES
 from longlora_plugin.evaluation.loss import DEFAULT_CHUNK_TOKENS
 from longlora_plugin.evaluation.passkey import DEFAULT_DEPTHS, DEFAULT_TRIALS
-from longlora_plugin.evaluation.perplexity import DEFAULT_STRIDE, Convention
+from longlora_plugin.evaluation.perplexity import DEFAULT_MAX_WINDOWS, DEFAULT_STRIDE, Convention
 from longlora_plugin.evaluation.ruler_tasks import (
     DEFAULT_RELATIVE,
     DEFAULT_SAMPLES,
@@ -111,9 +112,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--lengths", type=_ints, required=True, help="comma-separated token counts")
     parser.add_argument("--out", required=True, help="output directory (JSON, markdown, PNG)")
-    parser.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
-    )
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument(
         "--attn-implementation",
@@ -153,7 +152,10 @@ def add_parser(subparsers: Any) -> None:
         help=f"window stride (default {DEFAULT_STRIDE})",
     )
     ppl.add_argument(
-        "--max-windows", type=_positive, default=None, help="cap on windows per length"
+        "--max-windows",
+        type=_positive,
+        default=DEFAULT_MAX_WINDOWS,
+        help="cap on windows per length (default: all)",
     )
     ppl.add_argument("--batch-size", type=_positive, default=1, help="windows per forward pass")
     ppl.add_argument(

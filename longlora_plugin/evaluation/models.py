@@ -29,17 +29,13 @@ from typing import Any
 
 import torch
 
+from longlora_plugin.evaluation.dtypes import resolve_dtype
 from longlora_plugin.rope import SCALED_TYPES, original_context, resolve_rope
 from longlora_plugin.s2 import unwrap_model
 
 LOG = logging.getLogger("longlora_plugin")
 
 TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 
 
 @dataclass(frozen=True)
@@ -131,17 +127,6 @@ class EvalModel:
             "attn_implementation": unwrap_model(self.model).config._attn_implementation,
             **self.extra,
         }
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 on a CUDA device that supports it, else float32."""
-    if dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}; allowed: auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -17,7 +17,11 @@ token of the document except BOS is scored exactly once. Only documents of at le
 
 ``max_windows`` caps the windows evaluated per length: window-mean takes that many
 evenly spaced windows of the stream; sliding-window takes documents in order and stops
-after that many windows (the last document may be scored only in part).
+after that many windows (the last document may be scored only in part). Its defaults are
+decided here, once, and differ by design: ``longlora eval ppl`` is the measurement and
+scores every window unless told otherwise (:data:`DEFAULT_MAX_WINDOWS`); the
+``longlora.eval`` block runs at the end of ``axolotl train``, on the training machine's
+time, so it takes a bounded, evenly spaced sample (:data:`TRAINING_MAX_WINDOWS`).
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ CONVENTIONS: dict[str, str] = {
     ),
 }
 DEFAULT_STRIDE = 256
+DEFAULT_MAX_WINDOWS: int | None = None  # longlora eval ppl: every window
+TRAINING_MAX_WINDOWS = 32  # longlora.eval.max_windows: a sample, after training
 
 
 @dataclass
@@ -126,7 +132,10 @@ def tokenize_documents(tokenizer: Any, docs: Sequence[str]) -> list[list[int]]:
 
 
 def window_mean_starts(
-    n_tokens: int, length: int, stride: int = DEFAULT_STRIDE, max_windows: int | None = None
+    n_tokens: int,
+    length: int,
+    stride: int = DEFAULT_STRIDE,
+    max_windows: int | None = DEFAULT_MAX_WINDOWS,
 ) -> list[int]:
     """Window starts of the window-mean convention for a stream of ``n_tokens``: every
     ``stride`` tokens while ``start + length + 1 <= n_tokens``; with ``max_windows``,
@@ -166,7 +175,7 @@ def build_windows(
     convention: str,
     length: int,
     stride: int = DEFAULT_STRIDE,
-    max_windows: int | None = None,
+    max_windows: int | None = DEFAULT_MAX_WINDOWS,
     stream: Sequence[int] | None = None,
     documents: Sequence[Sequence[int]] | None = None,
 ) -> Windows:

@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from longlora_plugin.evaluation import ruler, ruler_tasks
 from longlora_plugin.evaluation.models import EvalModel
@@ -37,7 +36,7 @@ from longlora_plugin.evaluation.ruler_tasks import (
     DEFAULT_SAMPLES,
     RULER_THRESHOLD,
 )
-from longlora_plugin.evaluation.runner import release
+from longlora_plugin.evaluation.runner import progress_bar, release
 
 LOG = logging.getLogger("longlora_plugin")
 
@@ -213,11 +212,8 @@ def run(
     for item in models:
         infos.append(item.info())
         chat = chat_frame(item.tokenizer) if chat_template else None
-        bar = tqdm(
-            total=len(tasks) * len(lengths) * samples,
-            desc=f"ruler {item.name}",
-            unit="sample",
-            disable=not progress,
+        bar = progress_bar(
+            f"ruler {item.name}", len(tasks) * len(lengths) * samples, "sample", progress
         )
         for task in tasks:
             for length in sorted(lengths):

@@ -33,6 +33,11 @@ def load_models(specs: Sequence[ModelSpec], **load_kwargs: Any) -> Iterator[Eval
         yield load_eval_model(spec, **load_kwargs)
 
 
+def progress_bar(desc: str, total: int, unit: str, progress: bool) -> tqdm:
+    """The progress bar of one model's evaluation (``progress`` false: none shown)."""
+    return tqdm(total=total, desc=desc, unit=unit, disable=not progress)
+
+
 def release() -> None:
     """Free the memory of a model that is no longer used."""
     gc.collect()
@@ -47,7 +52,7 @@ def run_ppl(
     lengths: Sequence[int],
     conventions: Sequence[str] = tuple(perplexity.CONVENTIONS),
     stride: int = perplexity.DEFAULT_STRIDE,
-    max_windows: int | None = None,
+    max_windows: int | None = perplexity.DEFAULT_MAX_WINDOWS,
     batch_size: int = 1,
     chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
     data: str = "",
@@ -86,11 +91,8 @@ def run_ppl(
             for convention in conventions
             for length in sorted(lengths)
         ]
-        bar = tqdm(
-            total=sum(len(p.windows) for p in plans),
-            desc=f"ppl {item.name}",
-            unit="window",
-            disable=not progress,
+        bar = progress_bar(
+            f"ppl {item.name}", sum(len(p.windows) for p in plans), "window", progress
         )
         for plan in plans:
             bar.set_postfix_str(f"{plan.convention} L={plan.length}")
@@ -150,11 +152,8 @@ def run_passkey(
                 n,
                 shortest,
             )
-        bar = tqdm(
-            total=len(usable) * len(depths) * trials,
-            desc=f"passkey {item.name}",
-            unit="trial",
-            disable=not progress,
+        bar = progress_bar(
+            f"passkey {item.name}", len(usable) * len(depths) * trials, "trial", progress
         )
         for length in usable:
             for depth in depths:
