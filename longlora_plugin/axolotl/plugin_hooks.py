@@ -9,14 +9,16 @@ Hook use (the same hooks in Axolotl 0.19 and 0.21):
   names to ``lora_modules_to_save``, and under 0.19's ``axolotl merge-lora`` stages a
   base-model directory whose ``config.json`` carries the RoPE.
 * ``pre_model_load(cfg)`` - refuses ``flash_attention_2`` training without flash-attn.
-* ``post_model_build(cfg, model)`` - switches the plain HF model to S2-Attn and logs the
-  two INFO lines ``longlora: S2-Attn on ...`` and ``longlora: RoPE ...``.
+* ``post_model_build(cfg, model)`` - switches the plain HF model to S2-Attn (unless its
+  rows are split over processes: see ``post_trainer_create``) and logs the two INFO lines
+  ``longlora: S2-Attn on ...`` and ``longlora: RoPE ...``.
 * ``pre_lora_load`` - seeds the LoRA initialisation with ``seed`` (0.19 does not).
 * ``post_model_load`` - dynamic NTK only: undoes Axolotl's raise of
   ``max_position_embeddings`` (dynamic NTK reads it as the pre-training length).
 * ``post_trainer_create`` - ``longlora.context_parallel > 1``: builds the context-parallel
-  process groups, re-enables S2-Attn with them and splits each row's training step over
-  them (:mod:`~longlora_plugin.axolotl.split_training_step`).
+  process groups (they need the Trainer's process group), switches the model to S2-Attn
+  with them and splits each row's training step over them
+  (:mod:`~longlora_plugin.axolotl.split_training_step`).
 * ``post_train`` (called twice by Axolotl) - switches back to the wrapped attention
   backend; idempotent. With ``longlora.eval`` it evaluates the trained model once, at
   the second call (after the model is saved), into ``<output_dir>/longlora_eval/``.
@@ -89,11 +91,13 @@ class LongLoRAPlugin(BasePlugin):
 
         Axolotl keys plugins by the name they are listed under, and 0.21 also registers
         every installed ``axolotl.plugins`` entry point (ours:
-        ``longlora_plugin.LongLoRAPlugin``). A config listing
-        ``longlora_plugin.plugin.LongLoRAPlugin``, or both spellings on any version, gets
-        two instances: without this every hook and ``longlora.eval`` would run twice,
-        and 0.21's schema merge would fail on the doubled arguments. The first instance
-        registered acts; the others do nothing. An instance outside the manager acts.
+        ``longlora_plugin.LongLoRAPlugin``; ``longlora_plugin:LongLoRAPlugin`` is the same
+        key). On 0.21 a config listing the class by its module,
+        ``longlora_plugin.axolotl.plugin_hooks.LongLoRAPlugin``, or two spellings on any
+        version, gets two instances: without this every hook and ``longlora.eval`` would
+        run twice, and 0.21's schema merge would fail on the doubled arguments
+        (``TypeError: duplicate base class LongLoRAArgs``). The first instance registered
+        acts; the others do nothing. An instance outside the manager acts.
         """
         from axolotl.integrations.base import PluginManager
 
@@ -166,23 +170,29 @@ class LongLoRAPlugin(BasePlugin):
             return
         ensure_log_visible()
         settings, rope = self._prepared(cfg)
-        if settings.s2_attn and not cfg.get("merge_lora"):
-            from longlora_plugin.s2 import enable_s2_attn
-
-            group = settings.group_size_for(sequence_len(cfg))
-            enable_s2_attn(model, group_size=group)
-            self._s2_on = True
-            layers = sum(1 for m in model.modules() if type(m).__name__.endswith("Attention"))
-            info(
-                "longlora: S2-Attn on %d attention layers, group size %d, shift %d",
-                layers,
-                group,
-                group // 2,
-            )
+        if settings.s2_attn and not cfg.get("merge_lora") and settings.context_parallel == 1:
+            self._switch_on_s2(cfg, model)
         elif not settings.s2_attn:
             info("longlora: S2-Attn off (longlora.s2_attn: false)")
         check_model_rope(model, rope)
         info(rope.log_line())
+
+    def _switch_on_s2(self, cfg: Any, model: Any, context_parallel: Any = None) -> None:
+        """Switch ``model`` to S2-Attn, once per run (``post_model_build``, or
+        ``post_trainer_create`` with the context-parallel group), and log the INFO line."""
+        from longlora_plugin.s2 import enable_s2_attn
+
+        settings, _ = self._prepared(cfg)
+        group = settings.group_size_for(sequence_len(cfg))
+        enable_s2_attn(model, group_size=group, context_parallel=context_parallel)
+        self._s2_on = True
+        layers = sum(1 for m in model.modules() if type(m).__name__.endswith("Attention"))
+        info(
+            "longlora: S2-Attn on %d attention layers, group size %d, shift %d",
+            layers,
+            group,
+            group // 2,
+        )
 
     @_primary_only
     def pre_lora_load(self, cfg: Any, model: Any) -> None:
@@ -241,23 +251,21 @@ class LongLoRAPlugin(BasePlugin):
     def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
         """``longlora.context_parallel > 1``: split each row over that many processes
         (:mod:`~longlora_plugin.axolotl.split_training_step`)."""
-        if cfg.get("longlora") is None or not self._s2_on:
+        if cfg.get("longlora") is None or cfg.get("merge_lora"):
             return
         settings, _ = self._prepared(cfg)
         size = settings.context_parallel
-        if size == 1:
+        if not settings.s2_attn or size == 1:
             return
         import torch.distributed as dist
 
         from longlora_plugin.axolotl.split_training_step import split_rows
-        from longlora_plugin.s2 import enable_s2_attn
         from longlora_plugin.s2.context_parallel import context_parallel_groups
 
         world = dist.get_world_size() if dist.is_initialized() else 1
         check_context_parallel_world(size, world)
         cp, _ = context_parallel_groups(size)
-        group = settings.group_size_for(sequence_len(cfg))
-        enable_s2_attn(trainer.model, group_size=group, context_parallel=cp)
+        self._switch_on_s2(cfg, trainer.model, cp)
         split_rows(trainer, cp)
         info(
             "longlora: S2-Attn context parallelism: each row split over %d processes "

@@ -30,9 +30,6 @@ from typing import Any
 
 from longlora_plugin.axolotl.validate_report import Report, build_report
 
-PLUGIN_NAMES = ("longlora_plugin.LongLoRAPlugin", "longlora_plugin.plugin.LongLoRAPlugin")
-
-
 FLASH_BACKENDS = ("flash_attention_2", "flash_attention_3")
 
 
@@ -121,7 +118,7 @@ def validate(
 def _check_outside_axolotl(raw: dict, model_config: Any, notes: list[str]) -> None:
     """Problems Axolotl would not report before training starts."""
     plugins = [str(p) for p in raw.get("plugins") or []]
-    has_plugin = any(p in PLUGIN_NAMES or p.startswith("longlora_plugin") for p in plugins)
+    has_plugin = any(p.startswith("longlora_plugin") for p in plugins)
     if "longlora" in raw and not has_plugin:
         if not registered_by_entry_point():
             raise ValidationFailed(

@@ -20,7 +20,7 @@ import torch
 
 from tests.support.tiny_models import CPU_AXOLOTL
 
-PLUGIN = "longlora_plugin.plugin.LongLoRAPlugin"
+PLUGIN = "longlora_plugin.LongLoRAPlugin"
 
 
 def make_cfg(model_dir: Path, dataset: Path, out: Path, **overrides: Any) -> dict[str, Any]:
@@ -339,7 +339,7 @@ def test_rope_none_leaves_model_config_alone(cfg_for):
 def test_register_is_idempotent(cfg_for):
     from axolotl.utils.dict import DictDefault
 
-    from longlora_plugin.plugin import LongLoRAPlugin
+    from longlora_plugin import LongLoRAPlugin
 
     cfg = DictDefault(cfg_for())
     plugin = LongLoRAPlugin()
@@ -497,7 +497,7 @@ def test_axolotl_ring_attention_without_s2_is_left_to_axolotl(cfg_for):
     flash-attn and ring_flash_attn itself)."""
     from axolotl.utils.dict import DictDefault
 
-    from longlora_plugin.plugin import LongLoRAPlugin
+    from longlora_plugin import LongLoRAPlugin
 
     for key in ("context_parallel_size", "sequence_parallel_degree"):
         cfg = DictDefault(cfg_for(**RING, longlora={"s2_attn": False}, **{key: 2}))
@@ -608,7 +608,7 @@ def test_no_block_means_no_hook_does_anything(cfg_for, tiny_llama, tmp_path, cap
     from axolotl.utils.dict import DictDefault
     from transformers import AutoModelForCausalLM
 
-    from longlora_plugin.plugin import LongLoRAPlugin
+    from longlora_plugin import LongLoRAPlugin
 
     caplog.set_level(logging.DEBUG, logger="longlora_plugin")
     raw = DictDefault(cfg_for(longlora=None))
@@ -641,26 +641,42 @@ def test_no_block_means_no_hook_does_anything(cfg_for, tiny_llama, tmp_path, cap
     assert not [r for r in caplog.records if r.name == "longlora_plugin"]
 
 
-def _spellings() -> list[list[str]]:
-    """Every accepted way to name the plugin; Axolotl 0.21 also takes ``module:Class`` and
-    registers installed entry points by itself (so no listing at all)."""
+MODULE_PATH = "longlora_plugin.axolotl.plugin_hooks.LongLoRAPlugin"  # where the class lives
+
+
+def _spellings() -> list[tuple[list[str], int]]:
+    """Every accepted way to name the plugin, with the number of instances Axolotl
+    registers for it. Axolotl keys plugins by the name they are listed under; 0.21 also
+    takes ``module:Class`` and registers installed entry points by itself (ours as
+    ``longlora_plugin.LongLoRAPlugin``, so no listing at all works, and any other
+    spelling adds a second instance)."""
     from axolotl.integrations import base
 
-    lists = [
-        ["longlora_plugin.LongLoRAPlugin"],
-        ["longlora_plugin.plugin.LongLoRAPlugin"],
-        ["longlora_plugin.LongLoRAPlugin", "longlora_plugin.plugin.LongLoRAPlugin"],
+    if not hasattr(base, "get_builtin_plugins"):  # 0.19: only what the config lists
+        return [
+            (["longlora_plugin.LongLoRAPlugin"], 1),
+            ([MODULE_PATH], 1),
+            (["longlora_plugin.LongLoRAPlugin", MODULE_PATH], 2),
+        ]
+    return [
+        (["longlora_plugin.LongLoRAPlugin"], 1),
+        (["longlora_plugin:LongLoRAPlugin"], 1),
+        ([MODULE_PATH], 2),
+        (["longlora_plugin.LongLoRAPlugin", MODULE_PATH], 2),
+        (["longlora_plugin:LongLoRAPlugin", MODULE_PATH], 2),
+        ([], 1),
     ]
-    if hasattr(base, "get_builtin_plugins"):  # 0.21
-        lists += [["longlora_plugin:LongLoRAPlugin", "longlora_plugin.plugin.LongLoRAPlugin"], []]
-    return lists
 
 
-@pytest.mark.parametrize("plugins", _spellings(), ids=lambda p: "+".join(p) or "entry-point")
-def test_one_plugin_acts_whatever_the_spelling(cfg_for, plugins, monkeypatch):
+@pytest.mark.parametrize(
+    "plugins, instances",
+    _spellings(),
+    ids=["+".join(plugins) or "entry-point" for plugins, _ in _spellings()],
+)
+def test_one_plugin_acts_whatever_the_spelling(cfg_for, plugins, instances, monkeypatch):
     """One instance acts, so each hook and the end-of-training eval run once; two
     instances also broke Axolotl 0.21's schema merge (``duplicate base class
-    LongLoRAArgs``)."""
+    LongLoRAArgs``). Axolotl's own ``load_cfg`` really registers two where said."""
     from longlora_plugin.axolotl.modules_to_save import add_trainable_modules
     from longlora_plugin.axolotl.plugin_hooks import LongLoRAPlugin
 
@@ -672,7 +688,9 @@ def test_one_plugin_acts_whatever_the_spelling(cfg_for, plugins, monkeypatch):
 
     monkeypatch.setattr("longlora_plugin.axolotl.plugin_hooks.add_trainable_modules", counting)
     cfg = load(cfg_for(plugins=plugins or None))
-    acting = [p for p in _plugins().values() if isinstance(p, LongLoRAPlugin) and p.is_primary()]
+    mine = [p for p in _plugins().values() if isinstance(p, LongLoRAPlugin)]
+    assert len(mine) == instances
+    acting = [p for p in mine if p.is_primary()]
     assert len(acting) == 1 and acting[0]._rope is not None and cfg.longlora is not None
     assert len(calls) == 1
     assert cfg.lora_modules_to_save == [
@@ -697,7 +715,7 @@ def _built_model(cfg: Any, base: Path, attn_implementation: str | None = "sdpa")
 
 def test_model_hooks_log_switch_and_restore(cfg_for, tiny_llama, caplog):
 
-    from longlora_plugin.plugin import LongLoRAPlugin
+    from longlora_plugin import LongLoRAPlugin
 
     caplog.set_level(logging.INFO, logger="longlora_plugin")
     cfg = load(cfg_for(longlora={"group_size": 48}))
@@ -808,7 +826,7 @@ def _plugins() -> dict[str, Any]:
 
 def _longlora_plugin():
     """The LongLoRA plugin instance that acts in Axolotl's manager after ``load_cfg``."""
-    from longlora_plugin.plugin import LongLoRAPlugin
+    from longlora_plugin import LongLoRAPlugin
 
     (plugin,) = [p for p in _plugins().values() if isinstance(p, LongLoRAPlugin) and p.is_primary()]
     return plugin

@@ -84,7 +84,7 @@ RUNS: dict[str, dict[str, Any]] = {
             **CHECKPOINT,
             "sample_packing": True,
             "longlora": {},
-            "plugins": ["longlora_plugin.plugin.LongLoRAPlugin"],
+            "plugins": ["longlora_plugin.axolotl.plugin_hooks.LongLoRAPlugin"],
         },
         "eval": EVAL_BLOCK,
     },
