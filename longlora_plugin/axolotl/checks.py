@@ -80,6 +80,7 @@ def check_combinations(cfg: Any, settings: LongLoRAConfig, sequence_len: int) ->
         )
     if settings.s2_attn:
         _check_axolotl_ring_attention(cfg, settings)
+        _check_torch_compile(cfg)
     if settings.context_parallel > 1:
         _check_context_parallel(cfg, settings, fsdp)
     impl, key = attention_implementation(cfg)
@@ -188,6 +189,27 @@ def _check_axolotl_ring_attention(cfg: Any, settings: LongLoRAConfig) -> None:
         "a chunk boundary; launch a multiple of P processes) or longlora.s2_attn: false "
         f"(full attention; Axolotl's {key} then splits the rows)"
     )
+
+
+def _check_torch_compile(cfg: Any) -> None:
+    """S2-Attn with ``torch_compile`` (``true`` or ``auto``, which Axolotl turns on for
+    torch >= 2.5.1): refused. Axolotl hands it to the Trainer, which compiles the whole
+    model with Inductor after setting ``torch._dynamo.config.suppress_errors = True``, so a
+    compile failure falls back to eager without an error. S2 builds its group layout from
+    the values of ``position_ids`` on the host in every forward: graph breaks in each
+    layer. Compiled outside Axolotl it gave the eager loss on CPU; through Axolotl's
+    Trainer it has not run (docs/configs.md)."""
+    value = cfg.get("torch_compile")
+    if value is True or value == "auto":
+        raise LongLoRAConfigError(
+            f"torch_compile={value!r} with longlora.s2_attn: true: not verified: S2-Attn "
+            "reads position_ids on the host to place its groups in every forward, so "
+            "torch.compile breaks each decoder layer's graph there, and Axolotl sets "
+            "torch._dynamo's suppress_errors, which turns a compile failure into a silent "
+            "fallback to eager; S2 has not trained compiled under Axolotl. Remove "
+            "torch_compile (S2's attention kernels are compiled kernels already), or set "
+            "longlora.s2_attn: false"
+        )
 
 
 def check_context_parallel_world(size: int, world: int) -> None:

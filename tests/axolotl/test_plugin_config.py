@@ -874,3 +874,22 @@ def test_s2_with_flash_attention_2_refused_where_axolotl_would_pick_fa4(cfg_for,
     )
     load(cfg_for(**flash, longlora={"s2_attn": False}))  # full attention: Axolotl's choice
     load(cfg_for(attn_implementation="sdpa"))
+
+
+@pytest.mark.parametrize("value", [True, "auto"])
+def test_s2_with_torch_compile_is_refused(cfg_for, value):
+    """``torch_compile`` (``auto`` becomes ``true`` on torch >= 2.5.1) has Axolotl compile
+    the model with Inductor under ``suppress_errors``; S2's layout reads ``position_ids``
+    on the host (graph breaks) and the compiled S2 step has not run: refused at
+    ``register``, before the model loads, naming the key, the value and the ways out.
+    Full attention with torch_compile stays Axolotl's business."""
+    message = assert_error(
+        cfg_for(torch_compile=value),
+        f"torch_compile={value!r} with longlora.s2_attn: true",
+        "suppress_errors",
+        "Remove torch_compile",
+        "or set longlora.s2_attn: false",
+    )
+    assert "position_ids" in message
+    assert load(cfg_for(torch_compile=value, longlora={"s2_attn": False})).torch_compile is True
+    assert not load(cfg_for(torch_compile=False)).torch_compile
