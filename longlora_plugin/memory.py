@@ -30,9 +30,10 @@ Memory per GPU (bytes)::
                                               attention, G with S2-Attn (S/G groups of G x G)
     logits      = b * S * V * (w + 12)        at the start of the backward pass: the LM-head output
                                               (w), the fp32 log-softmax the cross-entropy saves (4), the
-                                              fp32 gradients of its output and input (4 + 4);
-                                              Axolotl's chunked_cross_entropy (k chunks, compiled):
-                                              b * S * V * (2w + 12 / k)
+                                              fp32 gradients of its output and input (4 + 4)
+    (Axolotl's memory features -- chunked/cut/Liger cross-entropy, activation offloading, tiled
+    MLP, 4/8-bit weights -- change weights, checkpoints, layer and logits as
+    :mod:`longlora_plugin.memory_features` documents)
     overhead    = 1 GiB                       CUDA context, cuBLAS/NCCL workspaces
 
     peak = weights + trainable + gradients + optimizer + checkpoints
@@ -41,7 +42,8 @@ Memory per GPU (bytes)::
 The last two activation terms do not coincide: the logits peak at the end of the forward
 pass, the recomputed layer during the backward pass. Allocator fragmentation is not
 modelled, so the estimate is a lower bound of what ``nvidia-smi`` shows: the paper's
-measured peaks for Llama-2 7B are 1.2-1.4x this estimate (``docs/configs.md``).
+measured peaks for Llama-2 7B are 1.2-1.4x this estimate (``docs/configs.md``), so
+``longlora validate`` also prints ``MARGIN`` x the peak.
 
 Time per optimizer step: forward FLOPs per sequence are counted as in the paper
 (``2 * P_matmul * S`` for the linear layers, ``P_matmul`` = ``P`` without the embedding
@@ -61,11 +63,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from longlora_plugin import memory_features as mf
+from longlora_plugin.memory_features import MemoryFeatures
 from longlora_plugin.s2.group_size import DEFAULT_GROUP_SIZE_RATIO, group_size_for
 
 GIB = 1024**3
 OVERHEAD_BYTES = 1 * GIB
 DEFAULT_MFU = 0.47
+MARGIN = 1.4  # the paper's measured 7B peaks are up to 1.4x the estimate
 
 # name -> (memory GiB, dense bf16 peak FLOP/s)
 GPUS: dict[str, tuple[float, float]] = {
@@ -203,7 +208,7 @@ class TrainingShape:
     gradient_checkpointing: bool = True
     bytes_per_element: int = 2  # bf16
     full_finetune: bool = False
-    loss_chunks: int | None = None  # Axolotl chunked_cross_entropy: number of chunks
+    features: MemoryFeatures = MemoryFeatures()  # Axolotl's memory features turned on
     context_parallel: int = 1  # GPUs that split each row (S2-Attn context parallelism)
 
     @property
@@ -231,6 +236,15 @@ class MemoryEstimate:
     @property
     def peak(self) -> float:
         return sum(self.terms.values()) + self.activations
+
+    def dominant(self) -> tuple[str, float]:
+        """The largest term, the activations named by whichever of their two peaks wins."""
+        active = (
+            ("logits and loss", self.logits)
+            if self.logits >= self.layer + self.attention
+            else ("recomputed layer + attention", self.layer + self.attention)
+        )
+        return max([*self.terms.items(), active], key=lambda item: item[1])
 
     def gib(self, value: float | None = None) -> float:
         return (self.peak if value is None else value) / GIB
@@ -265,13 +279,15 @@ def estimate_memory(
     b, s, h = shape.micro_batch_size, shape.local_len, dims.hidden_size
     stage = parallelism.zero_stage
 
-    gathered = 2 * dims.layer_params * w
+    feats = shape.features
+    quantised = mf.quantised_params(dims.num_layers, dims.layer_params, h)
+    gathered = 2 * mf.weight_bytes(dims.layer_params, quantised // dims.num_layers, w, feats)
     if stage >= 3 and parallelism.offload_params:
         weights = float(gathered)
     elif stage >= 3:
-        weights = w * p / n + gathered
+        weights = mf.weight_bytes(p, quantised, w, feats) / n + gathered
     else:
-        weights = float(w * p)
+        weights = mf.weight_bytes(p, quantised, w, feats)
     extra_copies = 0.0 if shape.full_finetune else float(w * t)
     if stage >= 3:
         extra_copies /= n
@@ -279,20 +295,14 @@ def estimate_memory(
     buffers = 2.0 * w * h * h if stage >= 2 else 0.0
     optimizer = 0.0 if parallelism.offload_optimizer else 12.0 * t / (n if stage >= 1 else 1)
 
-    layer = (
-        b
-        * s
-        * (8 * h + w * (5 * h + 3 * dims.num_kv_heads * dims.head_dim + 4 * dims.intermediate_size))
-    )
+    mlp = 4 * dims.intermediate_size / mf.mlp_shards(s, feats)
+    layer = b * s * (8 * h + w * (5 * h + 3 * dims.num_kv_heads * dims.head_dim + mlp))
     attention = attention_bytes(dims, shape, flash=flash, group_size=shape.group_size)
     if shape.gradient_checkpointing:
-        checkpoints = float(dims.num_layers * b * s * h * w)
+        checkpoints = mf.checkpoint_bytes(dims.num_layers, b * s, h, w, feats)
     else:
         checkpoints = float((dims.num_layers - 1) * (layer + attention))
-    if shape.loss_chunks:
-        logits = float(b * s * dims.vocab_size * (2 * w + 12 / shape.loss_chunks))
-    else:
-        logits = float(b * s * dims.vocab_size * (w + 12))
+    logits = mf.logits_bytes(b * s, dims.vocab_size, h, w, feats)
 
     alternatives = {
         f"{kind}, {mode}": attention_bytes(
@@ -325,9 +335,7 @@ def estimate_memory(
         "flash/memory-efficient attention (O(S))"
         if flash
         else "eager attention (materialised scores)",
-        f"cross-entropy in {shape.loss_chunks} chunks (chunked_cross_entropy)"
-        if shape.loss_chunks
-        else "loss computed on full fp32 logits (no chunked/fused cross-entropy)",
+        *feats.describe(),
         "1 GiB CUDA context and workspaces; allocator fragmentation not modelled",
     ]
     if shape.context_parallel > 1:

@@ -14,12 +14,14 @@ from longlora_plugin.config import plain_data
 from longlora_plugin.memory import (
     GIB,
     GPUS,
+    MARGIN,
     ModelDims,
     Parallelism,
     TrainingShape,
     estimate_memory,
     step_seconds,
 )
+from longlora_plugin.memory_features import MemoryFeatures, suggestion
 
 
 @dataclass
@@ -274,9 +276,7 @@ def _estimate_lines(
         gradient_checkpointing=bool(cfg.get("gradient_checkpointing")),
         bytes_per_element=2 if half else 4,
         full_finetune=not cfg.get("adapter"),
-        loss_chunks=(int(cfg.get("chunked_cross_entropy_num_chunks") or 8))
-        if cfg.get("chunked_cross_entropy")
-        else None,
+        features=MemoryFeatures.from_axolotl(cfg),
         context_parallel=context_parallel,
     )
     backend = str(cfg.get("attn_implementation") or "sdpa")
@@ -291,15 +291,28 @@ def _estimate_lines(
     )
     peak = estimate.gib()
     fits = "fits" if peak <= gpu_gib else "DOES NOT FIT"
+    margin = "fits" if peak * MARGIN <= gpu_gib else "DOES NOT FIT"
     lines = [
         f"memory estimate per GPU ({parallelism.label}, {gpu}, GiB): peak {peak:.1f} of "
-        f"{gpu_gib:.0f} -> {fits} (a lower bound: the paper measured 1.2-1.4x this for 7B)",
+        f"{gpu_gib:.0f} -> {fits}; x{MARGIN} {peak * MARGIN:.1f} -> {margin} with the margin "
+        "(the estimate is a lower bound: the paper measured 1.2-1.4x it for 7B)",
     ]
     lines += [f"  {name}: {value / GIB:.2f}" for name, value in estimate.terms.items()]
     lines.append(
         f"  activations: {estimate.activations / GIB:.2f} = max(logits and loss "
         f"{estimate.logits / GIB:.2f}, recomputed layer {estimate.layer / GIB:.2f} + attention "
         f"{estimate.attention / GIB:.2f})"
+    )
+    term, size = estimate.dominant()
+    lines.append(
+        f"  dominant term: {term} {size / GIB:.2f} ({size / estimate.peak:.0%} of the peak); "
+        "to shrink it: "
+        + suggestion(
+            term,
+            shape.features,
+            zero_stage=parallelism.zero_stage,
+            offloaded=parallelism.offload_params,
+        )
     )
     alt = "; ".join(f"{k} {_size(v)}" for k, v in estimate.attention_alternatives.items())
     lines.append(f"  attention working set of one layer: {alt}")
