@@ -339,3 +339,70 @@ def test_context_parallel_estimate_fits_70b_at_100k(capsys, tmp_path):
     assert "--context-parallel 8: a what-if estimate (the config has" in out
     rc, _, err = run_cli(capsys, [str(path), "--model-config", fixture, "--context-parallel", "3"])
     assert rc == 1 and "--context-parallel 3: must be >= 1 and divide the 8 GPUs" in err
+
+
+def header_gpu(path: Path) -> str:
+    """The GPU type the config's header command estimates for (``--gpu``, or the CLI's
+    default): the GPU the config states it fits."""
+    import argparse
+
+    from longlora_plugin.cli import validate as validate_cli
+
+    argv = header_command(path)
+    if "--gpu" in argv:
+        return argv[argv.index("--gpu") + 1]
+    return validate_cli.add_parser(argparse.ArgumentParser().add_subparsers()).get_default("gpu")
+
+
+LONG = [p for p in STOCK if yaml.safe_load(p.read_text())["sequence_len"] >= 65536]
+HEADER_TERMS = {"the logits and loss": "logits and loss"}
+
+
+def test_long_configs_fit_their_gpu_with_the_margin(capsys):
+    """Every 64k-and-longer stock config: the estimate x1.4 (the paper's measured peaks
+    are up to 1.4x it) fits the GPU its header command names, and the header states the
+    estimate, the x1.4 figure and the dominant term that validate prints."""
+    from longlora_plugin.memory import GPUS, MARGIN
+
+    assert MARGIN == 1.4
+    assert sorted(p.stem for p in LONG) == [
+        "llama2-13b-64k",
+        "llama2-70b-100k-cp8",
+        "llama2-7b-100k",
+        "llama2-7b-64k",
+        "llama3-8b-64k",
+    ]
+    for path in LONG:
+        rc, out, err = run_cli(capsys, header_command(path))
+        assert rc == 0, err
+        peak = float(re.search(r"peak ([0-9.]+) of", out).group(1))
+        margin = re.search(r"; x1\.4 ([0-9.]+) -> fits with the margin", out).group(1)
+        gpu_gib = GPUS[header_gpu(path)][0]
+        assert float(margin) == pytest.approx(peak * MARGIN, abs=0.1)
+        assert float(margin) <= gpu_gib, (path.name, margin)
+        header = re.sub(r"\n#\s*", " ", path.read_text(encoding="utf-8"))
+        assert f"peak {peak:.1f} GiB, x1.4 = {margin} GiB of {gpu_gib:.0f}" in header, path.name
+        term, size = re.search(r"dominant term: (.+?) ([0-9.]+) \(", out).groups()
+        named, stated = re.search(r"Dominant term: (.+?), ([0-9.]+) GiB", header).groups()
+        assert HEADER_TERMS.get(named, named) == term or (
+            term == "checkpoints" and named.startswith("the checkpointed layer inputs")
+        ), (path.name, named, term)
+        assert float(stated) == pytest.approx(float(size), abs=0.051), path.name
+
+
+def test_suggested_line_shrinks_the_dominant_term(capsys, tmp_path):
+    """The advice validate prints for llama2-7b-64k (checkpoints dominate), pasted into the
+    YAML as written, passes Axolotl's validation and shrinks that term 16 -> 2.5 GiB."""
+    path = REPO / "example_configs" / "llama2-7b-64k.yml"
+    argv = header_command(path)
+    rc, out, err = run_cli(capsys, argv)
+    assert rc == 0, err
+    line = next(x for x in out.splitlines() if x.startswith("  dominant term: checkpoints"))
+    pasted = re.search(r"to shrink it: add `([^`]+)`", line).group(1)
+    assert pasted == "activation_offloading: true"
+    cfg = {**yaml.safe_load(path.read_text()), **yaml.safe_load(pasted)}
+    (tmp_path / "advised.yml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    rc, out, err = run_cli(capsys, [str(tmp_path / "advised.yml"), *argv[1:]])
+    assert rc == 0, err
+    assert re.search(r"^  checkpoints: 2\.50$", out, flags=re.M), out
+    assert "activation_offloading: true: checkpointed layer inputs in CPU memory" in out
