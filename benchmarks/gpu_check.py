@@ -31,6 +31,9 @@ Sections:
   by importance and skipped when they would overrun ``--deadline``.
 * ``launches``: CUDA kernels per decoder layer per training step, full vs S2
   (``benchmarks/s2_launches.py``), SmolLM2's 9/3 heads and 32/32 heads.
+* ``memory_features``: S2 next to the memory features that need a GPU (activation
+  offloading, Cut Cross Entropy, Liger): loss and gradients with and without each
+  (``benchmarks/gpu_memory_features.py``).
 
     PYTHONUNBUFFERED=1 python3 -m benchmarks.gpu_check --out gpu_check.json
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.gpu_check --smoke --out /tmp/smoke.json
@@ -59,6 +62,7 @@ import torch
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
 from transformers.masking_utils import AttentionMaskInterface
 
+from benchmarks.gpu_memory_features import memory_features
 from benchmarks.s2_attn_bench import build as build_bench_model
 from longlora_plugin import disable_s2_attn, enable_s2_attn
 from longlora_plugin.s2 import backend as s2_backend
@@ -903,7 +907,7 @@ def print_summary(report: Report) -> None:
         f"{pre.get('gpu', pre.get('device'))}, torch {pre.get('torch')} (cuda {pre.get('torch_cuda')}), "
         f"transformers {pre.get('transformers')}, flash_attn importable: {pre.get('flash_attn_importable')}"
     )
-    for name in ("numerics_function", "numerics_models", "eval_identity"):
+    for name in ("numerics_function", "numerics_models", "eval_identity", "memory_features"):
         entry = sections.get(name, {})
         cases = entry.get("cases", [])
         line = (
@@ -982,6 +986,7 @@ def main() -> None:
             "numerics_models",
             "eval_identity",
             "launches",
+            "memory_features",
             "speed",
         ],
     )
@@ -1007,6 +1012,7 @@ def main() -> None:
         "eval_identity": lambda e: eval_identity(report, e, device, args.smoke),
         "speed": lambda e: speed(report, e, device, args),
         "launches": lambda e: launches(e, device, args.smoke),
+        "memory_features": lambda e: memory_features(report, e, device, args.smoke),
     }
     for name in args.sections:
         with report.section(name) as entry:

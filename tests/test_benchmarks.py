@@ -41,6 +41,7 @@ def test_gpu_check_smoke_run_on_cpu(tmp_path):
         "numerics_models",
         "eval_identity",
         "launches",
+        "memory_features",
         "speed",
     }
     assert set(sections) == expected
@@ -52,3 +53,14 @@ def test_gpu_check_smoke_run_on_cpu(tmp_path):
     assert {row["model"] for row in rows} == {"SmolLM2-135M", "Llama-2-7B-2L", "bench-2L-h256"}
     assert all(row["eval_bit_identical"] for row in rows)
     assert len(sections["launches"]["rows"]) == 4
+    # GPU-only features: on CPU each case runs its reference half (the S2 model without
+    # the feature) and is skipped
+    features = sections["memory_features"]["cases"]
+    assert [c["feature"] for c in features] == [
+        "activation_offloading",
+        "cut_cross_entropy",
+        "liger",
+    ]
+    for case in features:
+        assert case["passed"] is None and "error" not in case, case
+        assert case["loss_without"] != case["loss_full_attention"], case  # S2 was on
