@@ -246,6 +246,14 @@ class LongLoRAConfig(BaseModel):
             f"{DEFAULT_GROUP_SIZE_RATIO} when neither group_size nor group_size_ratio is set."
         ),
     )
+    shift: Boolean = Field(
+        default=True,
+        description=(
+            "For ablations only: false gives every head the same unshifted groups (the "
+            "paper's 'short attention', no flow between groups, worse at long lengths). "
+            "Needs s2_attn and context_parallel 1."
+        ),
+    )
     context_parallel: PositiveInt = Field(
         default=1,
         description=(
@@ -280,6 +288,12 @@ class LongLoRAConfig(BaseModel):
             raise ValueError(
                 f"longlora.group_size={self.group_size} and "
                 f"longlora.group_size_ratio={self.group_size_ratio} are both set; set only one"
+            )
+        if not self.shift and (not self.s2_attn or self.context_parallel > 1):
+            raise ValueError(
+                f"longlora.shift=false needs longlora.s2_attn: true and context_parallel: 1 "
+                f"(got s2_attn={self.s2_attn}, context_parallel={self.context_parallel}); "
+                "it only switches S2-Attn's shifted half off"
             )
         return self
 

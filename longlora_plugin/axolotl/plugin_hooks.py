@@ -184,14 +184,17 @@ class LongLoRAPlugin(BasePlugin):
 
         settings, _ = self._prepared(cfg)
         group = settings.group_size_for(sequence_len(cfg))
-        enable_s2_attn(model, group_size=group, context_parallel=context_parallel)
+        enable_s2_attn(
+            model, group_size=group, context_parallel=context_parallel, shift=settings.shift
+        )
         self._s2_on = True
         layers = sum(1 for m in model.modules() if type(m).__name__.endswith("Attention"))
         info(
-            "longlora: S2-Attn on %d attention layers, group size %d, shift %d",
+            "longlora: S2-Attn on %d attention layers, group size %d, shift %d%s",
             layers,
             group,
-            group // 2,
+            group // 2 if settings.shift else 0,
+            "" if settings.shift else " (longlora.shift: false, short attention: an ablation)",
         )
 
     @_primary_only

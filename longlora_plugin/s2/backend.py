@@ -71,6 +71,7 @@ class S2Settings:
     group_size: int | None
     group_size_ratio: float
     context_parallel: ContextParallel | None = field(default=None, compare=False)
+    shift: bool = True  # False: short attention without the shift (an ablation only)
 
     @property
     def ranks(self) -> int:
@@ -83,7 +84,8 @@ class S2Settings:
             f"g{self.group_size}" if self.group_size is not None else f"r{self.group_size_ratio:g}"
         )
         split = f"_cp{self.ranks}" if self.ranks > 1 else ""
-        return f"{NAME_PREFIX}_{BACKEND_ALIASES[self.backend]}_{size}{split}"
+        short = "" if self.shift else "_noshift"
+        return f"{NAME_PREFIX}_{BACKEND_ALIASES[self.backend]}_{size}{split}{short}"
 
     def resolve(self, length: int) -> int:
         """Group size G for rows of ``length`` tokens."""
@@ -103,6 +105,7 @@ def enable_s2_attn(
     group_size: int | None = None,
     group_size_ratio: float = DEFAULT_GROUP_SIZE_RATIO,
     context_parallel: ContextParallel | None = None,
+    shift: bool = True,
 ) -> torch.nn.Module:
     """Switch ``model`` (a transformers model, possibly wrapped by PEFT, DDP, FSDP or
     DeepSpeed) to S2-Attn and return it.
@@ -112,7 +115,9 @@ def enable_s2_attn(
     enabling twice re-wraps the original backend with the new settings.
     ``context_parallel``: each row is split across the ranks of this group
     (:mod:`longlora_plugin.s2.context_parallel`; batches from its ``shard``); L is then
-    the whole row's length.
+    the whole row's length. ``shift=False`` gives every head the unshifted groups: the
+    paper's "short attention" ablation, no information flows between groups (not with
+    context parallelism).
     """
     validate_group(group_size, group_size_ratio)
     base = unwrap_model(model)
@@ -125,7 +130,9 @@ def enable_s2_attn(
         _require_flash_attn()
     if context_parallel is not None and context_parallel.size == 1:
         context_parallel = None  # one rank holds whole rows: plain S2
-    settings = S2Settings(backend, group_size, float(group_size_ratio), context_parallel)
+    if context_parallel is not None and not shift:
+        raise ValueError("S2-Attn without the shift is not implemented with context parallelism")
+    settings = S2Settings(backend, group_size, float(group_size_ratio), context_parallel, shift)
     _register(settings)
     base.set_attn_implementation(settings.name)
     return model
@@ -300,7 +307,15 @@ def s2_attention_forward(settings: S2Settings, module, query, key, value, attent
     layout = _per_forward(
         deferred.layouts if deferred is not None else None,
         (group, kind),
-        lambda: build_layout(position_ids, padding, (batch, length), group, kind, query.device),
+        lambda: build_layout(
+            position_ids,
+            padding,
+            (batch, length),
+            group,
+            kind,
+            query.device,
+            shifts=None if settings.shift else (0, 0),
+        ),
     )
     return s2_attention(kernel, query, key, value, layout, **options), None
 
