@@ -1,10 +1,10 @@
-"""Evaluation step of the CPU demo: three models on the held-out text.
+"""Evaluation step of the CPU demo: three models, full attention.
 
 The models are the base model as pre-trained (``base``), the same weights with the RoPE
-interpolation LongLoRA trains with and no training (``interpolation``), and the LongLoRA adapter
-(``longlora``); all with full attention. Perplexity uses the paper's window-mean
-convention; passkey retrieval is tried on the base model at its own context first and
-run at the longer lengths only if the base model can do it there.
+interpolation LongLoRA trains with and no training (``interpolation``), and the LongLoRA
+adapter (``longlora``). Passkey retrieval over lengths (every multiple of C0 up to the
+target) x depths, RULER's niah tasks whose shortest sample fits C0, and perplexity with the
+paper's window-mean convention on the held-out text.
 """
 
 from __future__ import annotations
@@ -12,17 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from longlora_plugin.evaluation import passkey as pk
 from longlora_plugin.evaluation import perplexity as pp
 from longlora_plugin.evaluation.models import ModelSpec, RopeOverride
 from longlora_plugin.evaluation.runner import load_models, run_passkey, run_ppl, save
 from longlora_plugin.evaluation.texts import load_texts
 
-RULER_SAMPLES = 2
-
-PASSKEY_TRIALS = 10
-PASSKEY_DEPTHS = (0.0, 0.5, 1.0)
-PASSKEY_USABLE = 0.5  # base-model accuracy at its own context needed to go further
+RULER_SAMPLES = 4
+PASSKEY_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def demo_models(out: Path, factor: float, rope_type: str) -> dict[str, ModelSpec]:
@@ -41,33 +37,70 @@ def demo_models(out: Path, factor: float, rope_type: str) -> dict[str, ModelSpec
 
 
 def evaluate_demo(
-    out: Path, heldout: Path, lengths: Any, *, rope_type: str, max_windows: int
+    out: Path, heldout: Path, lengths: Any, *, rope_type: str, max_windows: int, trials: int
 ) -> dict[str, Any]:
-    """Perplexity of the three models at ``lengths.eval_lengths`` and the passkey test;
-    writes ``ppl.*`` and ``passkey.*`` into ``out``. Returns ``{"ppl": {key: {length:
-    ppl}}, "table": markdown, "plot": path, "passkey_note": text}``."""
+    """Passkey, RULER niah and perplexity of the three models; writes ``passkey.*``,
+    ``ruler.*`` and ``ppl.*`` into ``out``. Returns ``{"accuracy": {key: {length: {depth:
+    acc}}}, "ppl": {key: {length: ppl}}, "passkey", "ruler", "table": markdown, "plots"}``."""
     specs = demo_models(out, lengths.factor, rope_type)
-    docs = load_texts(str(heldout))
+    names = {spec.name: key for key, spec in specs.items()}
+    models = list(specs.values())
+    found = run_passkey(
+        load_models(models, dtype="float32", device="cpu"),
+        lengths=lengths.passkey_lengths,
+        depths=PASSKEY_DEPTHS,
+        trials=trials,
+    )
+    passkey_paths = save(found, out, echo=None)
+    accuracy: dict[str, dict[int, dict[float, float]]] = {key: {} for key in specs}
+    for row in found["results"]:
+        accuracy[names[row["model"]]].setdefault(row["length"], {})[row["depth"]] = row["accuracy"]
+    ruler_text = _ruler(specs, lengths)
     payload = run_ppl(
-        load_models(list(specs.values()), dtype="float32", device="cpu"),
-        docs,
+        load_models(models, dtype="float32", device="cpu"),
+        load_texts(str(heldout)),
         lengths=lengths.eval_lengths,
         conventions=(pp.WINDOW_MEAN,),
         max_windows=max_windows,
         batch_size=8,
         data=str(heldout),
     )
-    paths = save(payload, out, echo=None)
-    names = {spec.name: key for key, spec in specs.items()}
+    ppl_paths = save(payload, out, echo=None)
     ppl: dict[str, dict[int, float]] = {key: {} for key in specs}
     for row in payload["results"]:
         ppl[names[row["model"]]][row["length"]] = row["ppl"]
     return {
+        "accuracy": accuracy,
         "ppl": ppl,
+        "passkey": "Passkey retrieval (the paper's prompt; keys of seed 0, never trained on):\n\n"
+        + heatmap_text(accuracy, specs)
+        + "\n\n"
+        + passkey_paths["md"].read_text(encoding="utf-8"),
+        "ruler": ruler_text,
         "table": _table(ppl, specs, lengths, payload),
-        "plot": str(paths["png"]),
-        "passkey_note": _passkey(out, specs, lengths) + "\n\n" + _ruler(specs, lengths),
+        "plots": f"{passkey_paths['png']}, {ppl_paths['png']}",
     }
+
+
+def heatmap_text(accuracy: dict[str, dict[int, dict[float, float]]], specs) -> str:
+    """The passkey heatmap as text, one block per model: rows are lengths (longest on
+    top), columns depths, cells the accuracy in tenths (``#`` = 10/10, ``.`` = 0)."""
+    blocks = []
+    for key, rows in accuracy.items():
+        if not rows:
+            continue
+        depths = sorted(next(iter(rows.values())))
+        lines = [f"{specs[key].name}", "  length | " + " ".join(f"{d:>4g}" for d in depths)]
+        for length in sorted(rows, reverse=True):
+            cells = [rows[length][d] for d in depths]
+            lines.append(
+                f"  {length:>6} | "
+                + " ".join(
+                    f"{'#' if a >= 1 else ('.' if a == 0 else round(10 * a)):>4}" for a in cells
+                )
+            )
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n  (depth = where the key line sits; # = every key found)"
 
 
 def _table(
@@ -93,70 +126,38 @@ def _table(
 
 
 def _ruler(specs: dict[str, ModelSpec], lengths: Any, samples: int = RULER_SAMPLES) -> str:
-    """RULER (``longlora eval ruler``) on the tasks whose shortest sample fits the base
-    model's context, at the evaluation lengths, for the three models; or the sentence
-    saying that none fits."""
+    """RULER (``longlora eval ruler``) on the niah tasks without an essay haystack whose
+    shortest sample fits the base model's context, at the passkey lengths, for the three
+    models; or the sentence saying that none fits."""
     from transformers import AutoTokenizer
 
     from longlora_plugin.evaluation import ruler, ruler_eval, ruler_tasks
     from longlora_plugin.evaluation.report import ruler_table
 
     tokenizer = AutoTokenizer.from_pretrained(specs["base"].path)
-    offline = [name for name, task in ruler_tasks.TASKS.items() if task.haystack != "essay"]
-    limit = max(lengths.eval_lengths)
+    offline = [
+        name
+        for name, task in ruler_tasks.TASKS.items()
+        if task.kind == "niah" and task.haystack != "essay"
+    ]
+    limit = max(lengths.passkey_lengths)
     shortest = {name: ruler.shortest_length(name, tokenizer, limit=limit) for name in offline}
     fitting = [name for name, n in shortest.items() if n is not None and n <= lengths.base]
     needed = ", ".join(f"{name} {n or f'> {limit}'}" for name, n in shortest.items())
     if not fitting:
         return (
-            f"RULER: not run. Its shortest samples with this tokenizer ({needed} tokens, "
+            f"RULER: not run. Its shortest niah samples with this tokenizer ({needed} tokens, "
             "prompt plus answer budget) do not fit the base model's "
             f"{lengths.base}-token context, so no task can be scored at its own length."
         )
     payload = ruler_eval.run(
         load_models(list(specs.values()), dtype="float32", device="cpu"),
-        lengths=lengths.eval_lengths,
+        lengths=lengths.passkey_lengths,
         tasks=fitting,
         samples=samples,
-        progress=False,
+        progress=True,
     )
-    return "RULER (tasks that fit the base context):\n\n" + ruler_table(payload)
-
-
-def _passkey(out: Path, specs: dict[str, ModelSpec], lengths: Any) -> str:
-    """Passkey retrieval: the base model at its own context first; the longer lengths for
-    all three models only if that works. Returns a sentence (and table) for the report."""
-    from transformers import AutoTokenizer
-
-    shortest = pk.min_length(AutoTokenizer.from_pretrained(specs["base"].path))
-    if shortest > lengths.base:
-        return (
-            f"Passkey retrieval: not run. The paper's passkey prompt needs at least {shortest} "
-            f"tokens with this tokenizer, more than the base model's {lengths.base}-token "
-            "context, so the base model cannot be tested at its own length (the condition "
-            "for testing the longer ones). Perplexity is the test here."
-        )
-    first = run_passkey(
-        load_models([specs["base"]], dtype="float32", device="cpu"),
-        lengths=[lengths.base],
-        depths=PASSKEY_DEPTHS,
-        trials=PASSKEY_TRIALS,
+    return (
+        f"RULER niah ({samples} samples per cell; the base model was trained on "
+        "niah_single_1-style documents only):\n\n" + ruler_table(payload)
     )
-    rows = first["results"]
-    accuracy = sum(r["correct"] for r in rows) / sum(r["trials"] for r in rows)
-    if accuracy < PASSKEY_USABLE:
-        save(first, out, echo=None)
-        return (
-            f"Passkey retrieval: the base model retrieves {accuracy:.0%} of passkeys at its own "
-            f"{lengths.base}-token context ({len(rows) * PASSKEY_TRIALS} trials), so a model this "
-            "small, pre-trained on novels only, cannot do the task at all; passkey retrieval at "
-            "longer contexts would measure nothing and is not run. Perplexity is the test here."
-        )
-    full = run_passkey(
-        load_models(list(specs.values()), dtype="float32", device="cpu"),
-        lengths=lengths.eval_lengths,
-        depths=PASSKEY_DEPTHS,
-        trials=PASSKEY_TRIALS,
-    )
-    paths = save(full, out, echo=None)
-    return "Passkey retrieval:\n\n" + paths["md"].read_text(encoding="utf-8")

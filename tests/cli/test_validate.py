@@ -19,7 +19,7 @@ from tests.support.versions import AXOLOTL_021
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures" / "model_configs"
-DEMO = ("quickstart-pretrain-cpu.yml", "quickstart-cpu.yml")  # need the demo's local model
+DEMO = ("quickstart-cpu.yml",)  # needs the demo's local model
 STOCK = sorted(p for p in (REPO / "example_configs").glob("*.yml") if p.name not in DEMO)
 
 
@@ -159,7 +159,7 @@ def test_resolved_settings(capsys, name: str):
 
 
 def test_quickstart_cpu_config_validates(capsys, tiny_model_factory):
-    demo_base = tiny_model_factory("llama", max_position_embeddings=128)  # the demo's context
+    demo_base = tiny_model_factory("llama", max_position_embeddings=256)  # the demo's C0
     rc, out, err = run_cli(
         capsys,
         [
@@ -171,8 +171,8 @@ def test_quickstart_cpu_config_validates(capsys, tiny_model_factory):
         ],
     )
     assert rc == 0, err
-    assert "S2-Attn: on, wraps sdpa, group size 128, shift 64" in out
-    assert "RoPE yarn factor 4.0 (original 128, target 512)" in out
+    assert "S2-Attn: on, wraps sdpa, group size 256, shift 128" in out
+    assert "RoPE yarn factor 4.0 (original 256, target 1024)" in out
 
 
 # ------------------------------------------------------------------ bad configs
