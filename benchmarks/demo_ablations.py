@@ -1,13 +1,23 @@
-"""Recipe variants of the demo's LongLoRA stage, each trained and evaluated the same way.
+"""The LongLoRA paper's ablations in miniature, on the CPU demo's base model and extension.
 
-Run after one ``make demo`` (it needs the cached base model at ``outputs/demo/base`` and
-``outputs/demo/train.jsonl`` / ``heldout.txt``). For every variant: the demo's
-``example_configs/quickstart-cpu.yml`` with a few keys changed, ``axolotl train`` into
-``outputs/ablations/<name>``, then ``longlora eval ppl`` (window-mean, 128/256/512, 100
-windows) on the held-out novel. Prints a table and writes
-``benchmarks/results/demo_ablations.json``. ~3-4 min per variant on one CPU core.
+Run after one ``make demo`` (it needs ``outputs/demo/base``, ``novels.jsonl``,
+``retrieval.jsonl`` and ``heldout.txt`` there). Every row trains the demo's
+``example_configs/quickstart-cpu.yml`` with a few keys changed, through ``axolotl train``
+with the plugin, from the same base model on the same data, one after the other in this
+run (so the time ratios compare like with like), then evaluates with full attention:
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.demo_ablations [--only NAME ...]
+* passkey accuracy at the trained length, mean over depths 0 / 0.25 / 0.5 / 0.75 / 1
+  (10 keys each, the evaluation's seed 0);
+* window-mean perplexity on the held-out novel at 1x, 2x and 4x the base context;
+* training seconds per step relative to the full-attention row.
+
+Rows (the paper's counterparts: Table 2 for the trainable parts, Table 6 for attention):
+full-attention LoRA+ (the upper bound), S2-Attn LoRA+ (LongLoRA), short attention without
+the shift, plain LoRA, LoRA + norm, LoRA + embed, and interpolation only (no training).
+Prints a table, writes ``benchmarks/results/demo_ablations.json`` and a plot
+``docs/img/demo-ablations.png``::
+
+    .venv/bin/python -m benchmarks.demo_ablations [--only NAME ...] [--steps N]
 """
 
 from __future__ import annotations
@@ -15,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import re
 import subprocess
 import sys
 import time
@@ -29,134 +41,169 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "example_configs" / "quickstart-cpu.yml"
 OUT = Path("outputs/ablations")
 RESULTS = REPO / "benchmarks" / "results" / "demo_ablations.json"
-LENGTHS = (128, 256, 512)
+PLOT = REPO / "docs" / "img" / "demo-ablations.png"
+DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+TRIALS = 10
 
-QK = {"name": "qk", "modules": ["q_proj", "k_proj"]}
-LINEAR = {"rope": {"type": "linear", "factor": "auto"}}  # the paper's interpolation
-
-
-def linear(steps: int = 200, **changes: Any) -> dict[str, Any]:
-    """Changes for a linear-interpolation variant of ``steps`` steps."""
-    longlora = {**LINEAR, **changes.pop("longlora", {})}
-    return {"longlora": longlora, "max_steps": steps, **changes}
-
-
-def qk(lr: float) -> list[dict[str, Any]]:
-    """An lr group: the LoRA weights of q_proj/k_proj at ``lr``, the rest at the base rate."""
-    return [QK | {"lr": lr}]
-
-
-# name -> (description, changes to the shipped config; a "longlora" dict is merged into the
-# block). The shipped config: YaRN x4, S2-Attn G=128, every weight at 2e-3, 400 steps.
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "shipped": ("the shipped config (YaRN, 400 steps)", {}),
-    "yarn": ("YaRN, 200 steps", {"max_steps": 200}),
-    "yarn-no-s2": (
-        "YaRN, 200 steps, full attention in training (no S2-Attn)",
-        {"max_steps": 200, "longlora": {"s2_attn": False}},
-    ),
-    "linear": ("linear, 200 steps", linear()),
-    "linear-no-s2": (
-        "linear, 200 steps, full attention in training (no S2-Attn)",
-        linear(longlora={"s2_attn": False}),
-    ),
-    "linear-qk-2e-4": ("linear, q/k LoRA at 2e-4, 200 steps", linear(lr_groups=qk(2e-4))),
-    "linear-qk-2e-4-cosine": (
-        "linear, q/k LoRA at 2e-4, cosine decay, 200 steps",
-        linear(lr_groups=qk(2e-4), lr_scheduler="cosine"),
-    ),
-    "linear-qk-5e-4": ("linear, q/k LoRA at 5e-4, 200 steps", linear(lr_groups=qk(5e-4))),
-    "linear-qk-5e-4-600": ("linear, q/k LoRA at 5e-4, 600 steps", linear(600, lr_groups=qk(5e-4))),
-    "linear-qk-5e-4-cosine": (
-        "linear, q/k LoRA at 5e-4, cosine decay, 200 steps",
-        linear(lr_groups=qk(5e-4), lr_scheduler="cosine"),
-    ),
-    "linear-qk-1e-3-cosine": (
-        "linear, q/k LoRA at 1e-3, cosine decay, 200 steps",
-        linear(lr_groups=qk(1e-3), lr_scheduler="cosine"),
-    ),
-    "linear-group-half-qk-5e-4": (
-        "linear, q/k LoRA at 5e-4, group_size_ratio 0.5, 200 steps",
-        linear(lr_groups=qk(5e-4), longlora={"group_size_ratio": 0.5}),
-    ),
-    "linear-group-half-qk-1e-3": (
-        "linear, q/k LoRA at 1e-3, group_size_ratio 0.5, 200 steps",
-        linear(lr_groups=qk(1e-3), longlora={"group_size_ratio": 0.5}),
-    ),
+# name -> (description, changes to the shipped config; a "longlora" dict is merged into
+# its block; None = no training, the base model with the config's interpolation)
+ROWS: dict[str, tuple[str, dict[str, Any] | None]] = {
+    "full": ("full-attention LoRA+ (upper bound)", {"longlora": {"s2_attn": False}}),
+    "s2": ("S2-Attn LoRA+ (LongLoRA, the demo's config)", {}),
+    "short": ("short attention, no shift", {"longlora": {"shift": False}}),
+    "lora": ("plain LoRA (no embeddings, no norms)", {"longlora": {"trainable_params": []}}),
+    "lora-norm": ("LoRA + norm", {"longlora": {"trainable_params": ["norm"]}}),
+    "lora-embed": ("LoRA + embed", {"longlora": {"trainable_params": ["embed"]}}),
+    "interpolation": ("interpolation only, no training", None),
 }
 
 
-def variant_config(name: str, changes: dict[str, Any]) -> Path:
-    """Write the demo config with ``changes`` applied to ``outputs/ablations/<name>.yml``."""
+def row_config(name: str, changes: dict[str, Any], steps: int | None) -> Path:
+    """The demo config with ``changes`` applied, written to ``outputs/ablations/<name>.yml``."""
     cfg = yaml.safe_load(CONFIG.read_text())
     for key, value in changes.items():
-        if key == "longlora":
-            cfg["longlora"] = {**cfg["longlora"], **value}
-        else:
-            cfg[key] = value
+        cfg[key] = {**cfg[key], **value} if key == "longlora" else value
     cfg["output_dir"] = str(OUT / name)
     cfg["dataset_prepared_path"] = str(OUT / "prepared")
+    if steps:
+        cfg["max_steps"] = steps
     path = OUT / f"{name}.yml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
 
-def run_variant(name: str, changes: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
-    config = variant_config(name, changes)
-    start = time.perf_counter()
+def train(name: str, changes: dict[str, Any], env: dict[str, str], steps: int | None) -> float:
+    """Train one row; returns Axolotl's ``train_runtime`` per step (seconds)."""
+    config = row_config(name, changes, steps)
     log = OUT / f"{name}.log"
     with log.open("w") as fh:
-        for args in (
-            ["-m", "axolotl.cli.train", str(config)],
-            [
-                "-m",
-                "longlora_plugin",
-                "eval",
-                "ppl",
-                "--model",
-                f"{name}={OUT / name}",
-                "--data",
-                "outputs/demo/heldout.txt",
-                "--lengths",
-                ",".join(map(str, LENGTHS)),
-                "--convention",
-                "window-mean",
-                "--max-windows",
-                "100",
-                "--batch-size",
-                "8",
-                "--out",
-                str(OUT / name / "eval"),
-            ],
-        ):
-            subprocess.run([sys.executable, *args], env=env, stdout=fh, stderr=fh, check=True)
-    payload = json.loads((OUT / name / "eval" / "ppl.json").read_text())
-    ppl = {str(r["length"]): r["ppl"] for r in payload["results"]}  # JSON keys are strings
-    return {"ppl": ppl, "seconds": round(time.perf_counter() - start)}
+        subprocess.run(
+            [sys.executable, "-m", "axolotl.cli.train", str(config)],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            check=True,
+        )
+    text = log.read_text(errors="replace")
+    runtime = float(re.findall(r"'train_runtime': '?([0-9.]+)", text)[-1])
+    return runtime / yaml.safe_load(config.read_text())["max_steps"]
+
+
+def evaluate(name: str, path: Path, rope: Any, lengths: list[int]) -> dict[str, Any]:
+    """Passkey at the longest length and perplexity at ``lengths`` of one model."""
+    from longlora_plugin.evaluation import perplexity as pp
+    from longlora_plugin.evaluation.models import ModelSpec
+    from longlora_plugin.evaluation.runner import load_models, run_passkey, run_ppl
+    from longlora_plugin.evaluation.texts import load_texts
+
+    spec = ModelSpec(name, str(path), rope)
+    found = run_passkey(
+        load_models([spec], dtype="float32", device="cpu"),
+        lengths=[lengths[-1]],
+        depths=DEPTHS,
+        trials=TRIALS,
+    )
+    ppl = run_ppl(
+        load_models([spec], dtype="float32", device="cpu"),
+        load_texts("outputs/demo/heldout.txt"),
+        lengths=lengths,
+        conventions=(pp.WINDOW_MEAN,),
+        max_windows=100,
+        batch_size=8,
+        data="outputs/demo/heldout.txt",
+    )
+    return {
+        "passkey": {str(r["depth"]): r["accuracy"] for r in found["results"]},
+        "ppl": {str(r["length"]): r["ppl"] for r in ppl["results"]},
+    }
+
+
+def table(results: dict[str, Any], lengths: list[int]) -> str:
+    """The markdown table of :data:`RESULTS`."""
+    full = results.get("full", {}).get("seconds_per_step")
+    lines = [
+        f"| row | passkey at {lengths[-1]} (mean of depths) | "
+        + " | ".join(f"ppl {n}" for n in lengths)
+        + " | s/step | vs full |",
+        "|---|---:|" + "---:|" * len(lengths) + "---:|---:|",
+    ]
+    for row in results.values():
+        accuracy = sum(row["passkey"].values()) / len(row["passkey"])
+        cells = " | ".join(f"{row['ppl'][str(n)]:.2f}" for n in lengths)
+        step = row.get("seconds_per_step")
+        ratio = f"{step / full:.2f}x" if step and full else "-"
+        lines.append(
+            f"| {row['description']} | {accuracy:.2f} | {cells} | "
+            f"{f'{step:.2f}' if step else '-'} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], lengths: list[int], path: Path) -> None:
+    """Passkey accuracy at the trained length and perplexity at the longest, per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [row["description"] for row in results.values()]
+    accuracy = [sum(r["passkey"].values()) / len(r["passkey"]) for r in results.values()]
+    ppl = [r["ppl"][str(lengths[-1])] for r in results.values()]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(names) + 1.5), sharey=True)
+    axes[0].barh(names, accuracy, color="tab:blue")
+    axes[0].set_xlim(0, 1)
+    axes[0].set_xlabel(f"passkey accuracy at {lengths[-1]} tokens")
+    axes[1].barh(names, ppl, color="tab:orange")
+    axes[1].set_xlabel(f"perplexity at {lengths[-1]} tokens (held-out novel)")
+    axes[0].invert_yaxis()
+    fig.suptitle("LongLoRA ablations in miniature (CPU demo model, 256 -> 1024 tokens)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", choices=sorted(VARIANTS), help="run these only")
+    parser.add_argument("--only", nargs="+", choices=sorted(ROWS), help="run these rows only")
+    parser.add_argument("--steps", type=int, help="max_steps of every trained row")
     args = parser.parse_args()
-    if not Path("outputs/demo/base/config.json").is_file():
+    base = Path("outputs/demo/base")
+    if not (base / "config.json").is_file():
         raise SystemExit("run `make demo` first: outputs/demo/base is missing")
-    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    for name in args.only or list(VARIANTS):
-        description, changes = VARIANTS[name]
+    from demo.pipeline import Lengths, interpolation_type
+    from longlora_plugin.evaluation.models import RopeOverride
+
+    lengths = Lengths.from_model(base, CONFIG)
+    env = {**os.environ, **OFFLINE_ENV}
+    env.setdefault("OMP_NUM_THREADS", "2")
+    import torch
+
+    torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    for name in args.only or list(ROWS):
+        description, changes = ROWS[name]
         print(f"== {name}: {description}", flush=True)
-        row = {"description": description, "changes": changes}
-        row.update(run_variant(name, changes, env))
-        # re-read before writing: two runs with different --only may share the file
-        results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+        started = time.perf_counter()
+        row: dict[str, Any] = {"description": description, "changes": changes}
+        if changes is None:
+            rope = RopeOverride(interpolation_type(CONFIG), lengths.factor)
+            row.update(evaluate(name, base, rope, lengths.eval_lengths))
+        else:
+            row["seconds_per_step"] = train(name, changes, env, args.steps)
+            row.update(evaluate(name, OUT / name, None, lengths.eval_lengths))
+        row["seconds"] = round(time.perf_counter() - started)
         results[name] = row
+        results["_measured"] = {
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "threads": env["OMP_NUM_THREADS"],
+        }
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print("| variant | " + " | ".join(map(str, LENGTHS)) + " | time |")
-    print("|---|" + "---:|" * (len(LENGTHS) + 1))
-    for name, row in results.items():
-        cells = " | ".join(f"{row['ppl'][str(n)]:.2f}" for n in LENGTHS)
-        print(f"| {name}: {row['description']} | {cells} | {row['seconds']} s |")
+    ordered = {name: results[name] for name in ROWS if name in results}
+    print(table(ordered, lengths.eval_lengths))
+    plot(ordered, lengths.eval_lengths, PLOT)
+    print(f"{RESULTS}, {PLOT}")
 
 
 if __name__ == "__main__":
