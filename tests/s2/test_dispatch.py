@@ -26,7 +26,13 @@ import torch
 
 from longlora_plugin import disable_s2_attn, enable_s2_attn
 from longlora_plugin.s2 import s2_settings
-from s2_harness.models import assert_same, forward_backward, model_inputs, reference_backend
+from s2_harness.models import (
+    COMMON,
+    assert_same,
+    forward_backward,
+    model_inputs,
+    reference_backend,
+)
 from tests.support.pretend_flash_attn import STANDIN_DIR
 
 IN_CHILD = "LONGLORA_FLASH_STANDIN"
@@ -40,17 +46,7 @@ def _model(backend: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=48,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        eos_token_id=None,
-    )
+    config = LlamaConfig(num_attention_heads=4, num_key_value_heads=2, eos_token_id=None, **COMMON)
     model = LlamaForCausalLM._from_config(config, attn_implementation=backend)
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     return get_peft_model(model, lora)
