@@ -56,6 +56,19 @@ ROWS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "lora-embed": ("LoRA + embed", {"longlora": {"trainable_params": ["embed"]}}),
     "interpolation": ("interpolation only, no training", None),
 }
+# The recipe search behind the shipped config (docs/demo.md), run with --only NAME:
+# the shipped config is YaRN at lr 5e-4 (the "s2" row).
+SEARCH: dict[str, tuple[str, dict[str, Any]]] = {
+    "yarn-lr2e-3": ("YaRN, lr 2e-3", {"learning_rate": 0.002}),
+    "linear-lr2e-3": (
+        "linear, lr 2e-3",
+        {"learning_rate": 0.002, "longlora": {"rope": {"type": "linear", "factor": "auto"}}},
+    ),
+    "linear-lr5e-4": (
+        "linear, lr 5e-4",
+        {"longlora": {"rope": {"type": "linear", "factor": "auto"}}},
+    ),
+}
 
 
 def row_config(name: str, changes: dict[str, Any], steps: int | None) -> Path:
@@ -165,7 +178,12 @@ def plot(results: dict[str, Any], lengths: list[int], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", choices=sorted(ROWS), help="run these rows only")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=sorted({**ROWS, **SEARCH}),
+        help="run these rows only (the SEARCH rows run only when named)",
+    )
     parser.add_argument("--steps", type=int, help="max_steps of every trained row")
     args = parser.parse_args()
     base = Path("outputs/demo/base")
@@ -182,7 +200,7 @@ def main() -> None:
     torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     for name in args.only or list(ROWS):
-        description, changes = ROWS[name]
+        description, changes = {**ROWS, **SEARCH}[name]
         print(f"== {name}: {description}", flush=True)
         started = time.perf_counter()
         row: dict[str, Any] = {"description": description, "changes": changes}
@@ -200,7 +218,7 @@ def main() -> None:
             "threads": env["OMP_NUM_THREADS"],
         }
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    ordered = {name: results[name] for name in ROWS if name in results}
+    ordered = {name: results[name] for name in {**ROWS, **SEARCH} if name in results}
     print(table(ordered, lengths.eval_lengths))
     plot(ordered, lengths.eval_lengths, PLOT)
     print(f"{RESULTS}, {PLOT}")
