@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         log = run_axolotl("train", LONGLORA_CONFIG, env, overrides)
         plugin_lines = [
             line[line.index("longlora: ") :] for line in log.splitlines() if "longlora: " in line
-        ]
+        ] + [line for line in log.splitlines() if line.startswith("demo: ")]
 
     from demo.evaluate import evaluate_demo
 
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         [
             "## LongLoRA CPU demo",
             text.describe(),
-            "What the plugin set up:\n" + "\n".join(f"    {line.strip()}" for line in plugin_lines),
+            "What the plugins set up:\n" + "\n".join(f"    {line.strip()}" for line in plugin_lines),
             results["passkey"],
             results["ruler"],
             results["table"],

@@ -171,8 +171,8 @@ def test_quickstart_cpu_config_validates(capsys, tiny_model_factory):
         ],
     )
     assert rc == 0, err
-    assert "S2-Attn: on, wraps sdpa, group size 256, shift 128" in out
-    assert "RoPE yarn factor 4.0 (original 256, target 1024)" in out
+    assert "S2-Attn: on, wraps sdpa, group size 512, shift 256" in out
+    assert "RoPE linear factor 4.0 (original 256, target 1024)" in out
 
 
 # ------------------------------------------------------------------ bad configs

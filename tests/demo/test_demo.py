@@ -71,9 +71,10 @@ def test_demo_pipeline_smoke(tmp_path: Path):
     prompts = " ".join(doc["segments"][0]["text"] for doc in retrieval)
     assert "The pass key is" in prompts and "special magic number" in prompts
     assert "held out: third" in out
-    assert "longlora: S2-Attn on 8 attention layers, group size 256, shift 128" in out
+    assert "longlora: S2-Attn on 8 attention layers, group size 512, shift 256" in out
     rope_type = interpolation_type(REPO / LONGLORA_CONFIG)
     assert f"longlora: RoPE {rope_type} factor 4.0 (original 256, target 1024)" in out
+    assert "demo: answer-weighted loss" in out
     result = json.loads((demo / "verdict.json").read_text())
     assert set(result["ppl"]) == set(result["passkey"]) == {"base", "interpolation", "longlora"}
     for by_length in result["ppl"].values():

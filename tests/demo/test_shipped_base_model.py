@@ -40,9 +40,10 @@ def test_shipped_base_model_retrieves_inside_its_context_only():
 
 
 def test_yarn_alone_retrieves_at_4x_and_linear_alone_does_not():
-    """Why the demo's criterion 3 fails with YaRN (docs/demo.md): YaRN x4 without training
-    keeps the fast RoPE dimensions the copy relies on (0.72 at 1024 in `make demo`);
-    linear x4 compresses them and the copy drifts (0.02 at 1024)."""
+    """Why the demo interpolates linearly (docs/demo.md): YaRN x4 without training keeps
+    the fast RoPE dimensions the copy relies on and already retrieves at 1024 (0.72), so
+    criterion 3 could not hold with it; linear x4 compresses them and the copy drifts
+    (0.02 at 1024), which is what LongLoRA's training has to repair."""
     assert _accuracy(4 * CONTEXT, rope=RopeOverride("yarn", 4.0)) >= 0.6
     assert _accuracy(4 * CONTEXT, rope=RopeOverride("linear", 4.0)) <= 0.1
 
