@@ -40,7 +40,7 @@ COMMAND = "OMP_NUM_THREADS=2 python -m demo.pretrain"
 
 CONTEXT = 256  # C0: the base model's whole context
 VOCAB_SIZE = 2048
-# 8 layers: under S2-Attn with G = L/4 a token reaches about G + (layers - 1) * G/2 back,
+# 8 layers: under S2-Attn with the paper's G = L/4 a token reaches about G + (layers - 1) * G/2 back,
 # so 8 layers (4.5 G) carry a needle across a whole 4G training row; 4 would not (2.5 G).
 MODEL: dict[str, Any] = {
     "hidden_size": 128,

@@ -1,6 +1,6 @@
 """The CPU demo end to end, with the training cut to a few steps.
 
-The full recipe (``make demo``, ~15 minutes) is what produces the README's numbers; this
+The full recipe (``make demo``, ~10 minutes) is what produces the README's numbers; this
 checks the pipeline around it: user text with a held-out file, pre-training (cached), the
 retrieval mix, LongLoRA through the plugin, the three-model evaluation (passkey heatmap,
 RULER niah, perplexity), the report and the verdict. A smoke run is far too short for the

@@ -60,7 +60,7 @@ def test_shipped_base_model_is_small_and_documented():
 @pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs Debian's apt-get")
 def test_shipped_base_model_matches_the_current_recipe():
     """Editing the recipe or the text without regenerating the model would make the demo
-    pre-train for ~an hour instead of using the shipped file."""
+    pre-train for about half an hour instead of using the shipped file."""
     from demo.pretrain import fingerprint
     from demo.text import load_demo_text
 
