@@ -12,7 +12,8 @@ are labelled (an ``input_output`` retrieval document: its prompt is unlabelled),
 row* otherwise (a ``completion`` novel piece, labelled from its first token; padding after
 it does not count). It is a demo recipe, not part of LongLoRA: it knows the demo's two dataset types.
 Contract: gradient accumulation 1 (the demo's); with more, each micro-batch would weigh the
-same whatever its token counts.
+same whatever its token counts. Refused at trainer creation, naming the key: gradient
+accumulation, ``sample_packing`` and the fused-loss features in :data:`REFUSED`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import torch.nn.functional as F
 from axolotl.integrations.base import BasePlugin
 
 IGNORE = -100
+# Axolotl keys that would make the loss silently wrong (packing) or leave it no logits
+REFUSED = ("sample_packing", "cut_cross_entropy", "liger_fused_linear_cross_entropy")
 
 
 def answer_weighted_loss(outputs: Any, labels: torch.Tensor, **_: Any) -> torch.Tensor:
@@ -57,5 +60,11 @@ class AnswerWeightedLossPlugin(BasePlugin):
                 f"gradient_accumulation_steps: {cfg.gradient_accumulation_steps}: the demo's "
                 "answer-weighted loss supports 1 only (raise micro_batch_size instead)"
             )
+        for key in REFUSED:  # packed rows mix both kinds; fused losses return no logits
+            if cfg.get(key):
+                raise ValueError(
+                    f"{key}: {cfg.get(key)!r}: the demo's answer-weighted loss needs unpacked "
+                    f"rows and the model's logits; set {key}: false or drop the plugin"
+                )
         trainer.compute_loss_func = answer_weighted_loss
         print("demo: answer-weighted loss (mean over text tokens + mean over answers)", flush=True)

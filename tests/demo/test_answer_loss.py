@@ -55,3 +55,13 @@ def test_plugin_refuses_gradient_accumulation():
         AnswerWeightedLossPlugin().post_trainer_create(
             DictDefault(gradient_accumulation_steps=4), object()
         )
+
+
+@pytest.mark.parametrize(
+    "key", ["sample_packing", "cut_cross_entropy", "liger_fused_linear_cross_entropy"]
+)
+def test_plugin_refuses_packing_and_fused_losses(key):
+    with pytest.raises(ValueError, match=f"{key}: True"):
+        AnswerWeightedLossPlugin().post_trainer_create(
+            DictDefault({"gradient_accumulation_steps": 1, key: True}), object()
+        )
