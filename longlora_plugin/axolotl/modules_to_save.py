@@ -56,3 +56,22 @@ def add_trainable_modules(cfg: Any, settings: LongLoRAConfig, base_config: Any) 
         ", ".join(kinds),
         cfg["lora_modules_to_save"],
     )
+    _warn_embedding_lr_reaches_norms(cfg, kinds)
+
+
+def _warn_embedding_lr_reaches_norms(cfg: Any, kinds: list[str]) -> None:
+    """Axolotl gives ``embedding_lr_scale`` / ``embedding_lr`` to every parameter whose
+    name ends in ``modules_to_save.default.weight`` (its optimizer mixin, 0.19 and 0.21),
+    so the norms trained in full get it too: say so, with the way out."""
+    keys = [k for k in ("embedding_lr_scale", "embedding_lr") if cfg.get(k) is not None]
+    if not keys or "norm" not in kinds:
+        return
+    key = keys[0]
+    LOG.warning(
+        "longlora: %s=%r also applies to the norms longlora.trainable_params trains in "
+        "full: Axolotl gives it to every modules_to_save weight, not only the embeddings; "
+        "to keep the norms at learning_rate, remove %s or drop norm from trainable_params",
+        key,
+        cfg.get(key),
+        key,
+    )

@@ -285,6 +285,17 @@ def test_user_modules_to_save_and_model_config_are_kept(cfg_for):
     assert cfg.overrides_of_model_config["rope_parameters"]["factor"] == 4.0
 
 
+@pytest.mark.parametrize("key", ["embedding_lr_scale", "embedding_lr"])
+def test_embedding_lr_reaching_the_norms_is_named(cfg_for, caplog, key):
+    caplog.set_level(logging.INFO, logger="longlora_plugin")
+    load(cfg_for(**{key: 0.1}))
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [m for m in warned if f"{key}=0.1 also applies to the norms" in m], warned
+    caplog.clear()
+    load(cfg_for(**{key: 0.1}, longlora={"trainable_params": ["embed"]}))
+    assert "also applies to the norms" not in caplog.text
+
+
 def test_full_finetune_adds_no_modules_to_save(cfg_for):
     cfg = load(cfg_for(adapter=None, lora_r=None, lora_alpha=None, lora_target_modules=None))
     assert not cfg.lora_modules_to_save
