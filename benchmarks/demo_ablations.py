@@ -82,6 +82,11 @@ SEARCH: dict[str, tuple[str, dict[str, Any]]] = {
         "full attention, token-mean loss, lr 5e-4",
         {"learning_rate": 0.0005, "plugins": ONE_PLUGIN, "longlora": {"s2_attn": False}},
     ),
+    "embed-lr0.1": (
+        "embeddings and norms at 0.1x the learning rate (Axolotl's embedding_lr_scale)",
+        {"embedding_lr_scale": 0.1},
+    ),
+    "three-quarters": ("G = 3L/4", {"longlora": {"group_size_ratio": 0.75}}),
     "previous": (
         "the previous recipe: YaRN, G = L/4, token-mean loss, lr 5e-4",
         {

@@ -1,0 +1,173 @@
+"""Where the demo's extension retrieves: passkey with the inference attention limited.
+
+A model trained with S2-Attn at group size G has only ever attended over keys less than G
+tokens back. At inference it runs full attention (the paper's and this plugin's
+contract), so at the trained length L > G every query also sees keys G..L-1 tokens back.
+This benchmark asks what those keys do: it scores the same passkey grid as ``make demo``
+(seed 0, greedy, exact match) with each query limited, through transformers'
+``AttentionInterface``, to
+
+* ``full``: every earlier key (what ``make demo`` scores);
+* ``window:W``: the last W keys (itself included), as the sliding window of transformers;
+* ``window:W+S``: the same plus the first S keys of the sequence (an attention sink).
+
+If the copy works inside a G-token window at L but not with full attention at L, the keys
+beyond G (distances S2 training never showed) disturb it; if the sink column matches the
+window column, losing the first tokens is not why. Run after ``make demo``:
+
+    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.demo_reach \\
+        [--model NAME=PATH ...] [--lengths 512,768,1024] [--attention full window:512 ...]
+
+Writes ``benchmarks/results/demo_reach.json`` (``--out``) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv
+
+from longlora_plugin.cli.eval import model_specs
+from longlora_plugin.evaluation.models import load_eval_model
+from longlora_plugin.evaluation.runner import run_passkey
+from longlora_plugin.s2.backend import unwrap_model
+
+DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+DEFAULT_MODELS = ["longlora=outputs/demo/longlora"]
+DEFAULT_ATTENTION = ["full", "window:512", "window:512+4", "window:256"]
+
+
+def parse_attention(spec: str) -> tuple[int | None, int]:
+    """``full`` -> ``(None, 0)``; ``window:W`` -> ``(W, 0)``; ``window:W+S`` -> ``(W, S)``."""
+    if spec == "full":
+        return None, 0
+    kind, _, rest = spec.partition(":")
+    window, _, sink = rest.partition("+")
+    if (
+        kind != "window"
+        or not window.isdigit()
+        or int(window) < 1
+        or (sink and not sink.isdigit())
+        or "+" in rest
+        and not sink
+    ):
+        raise argparse.ArgumentTypeError(
+            f"--attention {spec!r}: expected full, window:W or window:W+S (W, S positive integers)"
+        )
+    return int(window), int(sink or 0)
+
+
+def limited_sdpa(window: int, sink: int):
+    """An attention function for ``AttentionInterface``: causal SDPA where a query at
+    position i sees key j only if ``i - j < window`` or ``j < sink``. Works with the KV
+    cache (the queries are the last ``q_len`` positions of the keys)."""
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **_):
+        q_len, k_len = query.shape[-2], key.shape[-2]
+        query_pos = torch.arange(k_len - q_len, k_len, device=query.device)[:, None]
+        key_pos = torch.arange(k_len, device=query.device)[None, :]
+        distance = query_pos - key_pos
+        allowed = (distance >= 0) & ((distance < window) | (key_pos < sink))
+        n_rep = query.shape[1] // key.shape[1]
+        out = F.scaled_dot_product_attention(
+            query, repeat_kv(key, n_rep), repeat_kv(value, n_rep), attn_mask=allowed, scale=scaling
+        )
+        return out.transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+def attention_spec(spec: str) -> str:
+    """argparse ``type``: ``spec`` itself once :func:`parse_attention` accepts it."""
+    parse_attention(spec)
+    return spec
+
+
+def set_attention(model: torch.nn.Module, spec: str) -> None:
+    """Switch ``model`` (possibly a PEFT model) to the attention ``spec`` names."""
+    window, sink = parse_attention(spec)
+    base = unwrap_model(model)
+    if window is None:
+        base.set_attn_implementation("sdpa")
+        return
+    name = f"demo_reach_window_{window}_sink_{sink}"
+    AttentionInterface.register(name, limited_sdpa(window, sink))
+    base.set_attn_implementation(name)
+
+
+def reach(models: list[str], lengths: list[int], attention: list[str], trials: int) -> list[dict]:
+    """One row per (model, attention, length): accuracy per depth and the mean."""
+    rows: list[dict[str, Any]] = []
+    for spec in model_specs(models, None):
+        item = load_eval_model(spec, dtype="float32", device="cpu", attn_implementation="sdpa")
+        for attn in attention:
+            set_attention(item.model, attn)
+            found = run_passkey([item], lengths=lengths, depths=DEPTHS, trials=trials)
+            for length in sorted(lengths):
+                cells = {
+                    r["depth"]: r["accuracy"] for r in found["results"] if r["length"] == length
+                }
+                if not cells:
+                    raise ValueError(f"no passkey cells at length {length} for {spec.name}")
+                rows.append(
+                    {
+                        "model": spec.name,
+                        "attention": attn,
+                        "length": length,
+                        "accuracy": cells,
+                        "mean": round(sum(cells.values()) / len(cells), 3),
+                    }
+                )
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = "| model | attention | length | " + " | ".join(f"depth {d:g}" for d in DEPTHS)
+    lines = [head + " | mean |", "|---|---|---:|" + "---:|" * (len(DEPTHS) + 1)]
+    for r in rows:
+        cells = " | ".join(f"{r['accuracy'][d]:.2f}" for d in DEPTHS)
+        lines.append(
+            f"| {r['model']} | {r['attention']} | {r['length']} | {cells} | {r['mean']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", action="append", help="NAME=PATH (default: the demo's adapter)")
+    parser.add_argument("--lengths", default="512,768,1024")
+    parser.add_argument("--attention", nargs="+", type=attention_spec, default=DEFAULT_ATTENTION)
+    parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/demo_reach.json"))
+    args = parser.parse_args(argv)
+    lengths = [int(n) for n in args.lengths.split(",")]
+    start = time.time()
+    rows = reach(args.model or DEFAULT_MODELS, lengths, args.attention, args.trials)
+    print(table(rows))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "benchmark": "demo_reach",
+                "date": time.strftime("%Y-%m-%d"),
+                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+                "torch": torch.__version__,
+                "seconds": round(time.time() - start),
+                "rows": rows,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
