@@ -87,6 +87,10 @@ SEARCH: dict[str, tuple[str, dict[str, Any]]] = {
         {"embedding_lr_scale": 0.1},
     ),
     "three-quarters": ("G = 3L/4", {"longlora": {"group_size_ratio": 0.75}}),
+    "yarn": (
+        "YaRN x4 instead of linear",
+        {"longlora": {"rope": {"type": "yarn", "factor": "auto"}}},
+    ),
     "previous": (
         "the previous recipe: YaRN, G = L/4, token-mean loss, lr 5e-4",
         {
