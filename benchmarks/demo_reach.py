@@ -26,14 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from longlora_plugin.cli.eval import model_specs
 from longlora_plugin.evaluation.models import load_eval_model
@@ -45,42 +45,38 @@ DEFAULT_MODELS = ["longlora=outputs/demo/longlora"]
 DEFAULT_ATTENTION = ["full", "window:512", "window:512+4", "window:256"]
 
 
+WINDOW_SPEC = re.compile(r"window:([1-9][0-9]*)(?:\+([1-9][0-9]*))?")
+
+
 def parse_attention(spec: str) -> tuple[int | None, int]:
     """``full`` -> ``(None, 0)``; ``window:W`` -> ``(W, 0)``; ``window:W+S`` -> ``(W, S)``."""
     if spec == "full":
         return None, 0
-    kind, _, rest = spec.partition(":")
-    window, _, sink = rest.partition("+")
-    if (
-        kind != "window"
-        or not window.isdigit()
-        or int(window) < 1
-        or (sink and not sink.isdigit())
-        or "+" in rest
-        and not sink
-    ):
+    match = WINDOW_SPEC.fullmatch(spec)
+    if match is None:
         raise argparse.ArgumentTypeError(
             f"--attention {spec!r}: expected full, window:W or window:W+S (W, S positive integers)"
         )
-    return int(window), int(sink or 0)
+    return int(match[1]), int(match[2] or 0)
 
 
 def limited_sdpa(window: int, sink: int):
-    """An attention function for ``AttentionInterface``: causal SDPA where a query at
-    position i sees key j only if ``i - j < window`` or ``j < sink``. Works with the KV
-    cache (the queries are the last ``q_len`` positions of the keys)."""
+    """An attention function for ``AttentionInterface``: transformers' SDPA attention with
+    a mask where a query at position i sees key j only if ``0 <= i - j < window`` or
+    ``j < sink``, and-ed with the mask transformers passes (boolean or none). Works with
+    the KV cache (the queries are the last ``q_len`` positions of the keys)."""
 
-    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **_):
+    def attention(module, query, key, value, attention_mask, **kwargs):
         q_len, k_len = query.shape[-2], key.shape[-2]
         query_pos = torch.arange(k_len - q_len, k_len, device=query.device)[:, None]
         key_pos = torch.arange(k_len, device=query.device)[None, :]
         distance = query_pos - key_pos
-        allowed = (distance >= 0) & ((distance < window) | (key_pos < sink))
-        n_rep = query.shape[1] // key.shape[1]
-        out = F.scaled_dot_product_attention(
-            query, repeat_kv(key, n_rep), repeat_kv(value, n_rep), attn_mask=allowed, scale=scaling
-        )
-        return out.transpose(1, 2).contiguous(), None
+        allowed = ((distance >= 0) & ((distance < window) | (key_pos < sink)))[None, None]
+        if attention_mask is not None:
+            if attention_mask.dtype != torch.bool:
+                raise ValueError(f"expected a boolean attention mask, got {attention_mask.dtype}")
+            allowed = allowed & attention_mask[..., :k_len]
+        return sdpa_attention_forward(module, query, key, value, allowed, **kwargs)
 
     return attention
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -90,7 +91,8 @@ def test_demo_reach_attention_equals_a_dense_reference(q_len, window, sink):
     torch.manual_seed(0)
     query = torch.randn(2, 4, q_len, 8)
     key, value = torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)  # 2 kv heads for 4
-    out, _ = limited_sdpa(window, sink)(None, query, key, value, None, scaling=8**-0.5)
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True)  # what a layer carries
+    out, _ = limited_sdpa(window, sink)(module, query, key, value, None, scaling=8**-0.5)
     expected = _dense_limited(
         query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1), window, sink
     )
@@ -101,21 +103,14 @@ def test_demo_reach_window_through_a_real_model():
     """Through transformers' dispatch: in a one-layer model with a 4-token window, token 0
     no longer reaches positions >= 4; with a 1-token sink it does; a window longer than
     the row gives the model's own sdpa logits."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from benchmarks.demo_reach import set_attention
+    from demo.tiny_models import tiny_config
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(config).eval()
+    config = tiny_config("llama", vocab_size=64, num_hidden_layers=1)
+    model = AutoModelForCausalLM.from_config(config).eval()
     model.set_attn_implementation("sdpa")
     ids = torch.randint(3, 64, (1, 12))
     other = ids.clone()
@@ -138,7 +133,17 @@ def test_demo_reach_window_through_a_real_model():
 
 
 @pytest.mark.parametrize(
-    "bad", ["window", "window:", "window:x", "window:0", "window:4+", "band:4", "window:4+y"]
+    "bad",
+    [
+        "window",
+        "window:",
+        "window:x",
+        "window:0",
+        "window:4+",
+        "window:4+0",
+        "band:4",
+        "window:4+y",
+    ],
 )
 def test_demo_reach_refuses_a_bad_attention_spec(bad, capsys):
     from benchmarks.demo_reach import main
