@@ -117,8 +117,11 @@ def row_config(name: str, changes: dict[str, Any], steps: int | None) -> Path:
     return path
 
 
-def train(name: str, changes: dict[str, Any], env: dict[str, str], steps: int | None) -> float:
-    """Train one row; returns Axolotl's ``train_runtime`` per step (seconds)."""
+def train(
+    name: str, changes: dict[str, Any], env: dict[str, str], steps: int | None
+) -> tuple[float, int]:
+    """Train one row; returns Axolotl's ``train_runtime`` per step (seconds) and the
+    steps trained."""
     config = row_config(name, changes, steps)
     log = OUT / f"{name}.log"
     with log.open("w") as fh:
@@ -131,7 +134,8 @@ def train(name: str, changes: dict[str, Any], env: dict[str, str], steps: int | 
         )
     text = log.read_text(errors="replace")
     runtime = float(re.findall(r"'train_runtime': '?([0-9.]+)", text)[-1])
-    return runtime / yaml.safe_load(config.read_text())["max_steps"]
+    trained = yaml.safe_load(config.read_text())["max_steps"]
+    return runtime / trained, trained
 
 
 def evaluate(name: str, path: Path, rope: Any, lengths: list[int]) -> dict[str, Any]:
@@ -258,8 +262,7 @@ def main() -> None:
             rope = RopeOverride(interpolation_type(CONFIG), lengths.factor)
             row.update(evaluate(name, base, rope, lengths.eval_lengths))
         else:
-            row["seconds_per_step"] = train(name, changes, env, args.steps)
-            row["steps"] = args.steps or yaml.safe_load(CONFIG.read_text())["max_steps"]
+            row["seconds_per_step"], row["steps"] = train(name, changes, env, args.steps)
             row.update(evaluate(name, OUT / name, None, lengths.eval_lengths))
         row["seconds"] = round(time.perf_counter() - started)
         results[name] = row
