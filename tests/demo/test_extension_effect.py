@@ -23,15 +23,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from demo.evaluate import PASSKEY_DEPTHS
 from demo.pipeline import DOC_WORDS, LONGLORA_CONFIG, RETRIEVAL_SHARE
 from demo.pretrain import CONTEXT, SHIPPED
-from longlora_plugin.evaluation.models import ModelSpec, RopeOverride
-from longlora_plugin.evaluation.runner import load_models, run_passkey
+from longlora_plugin.evaluation.models import RopeOverride
 from longlora_plugin.offline import OFFLINE_ENV
+from tests.support.passkey import passkey_accuracy
 
 REPO = Path(__file__).resolve().parents[2]
 TARGET = 4 * CONTEXT  # the demo's extension
@@ -44,18 +42,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _accuracy(model: Path, rope: RopeOverride | None = None, depths=PASSKEY_DEPTHS) -> float:
-    torch.set_num_threads(1)
-    found = run_passkey(
-        load_models([ModelSpec("m", str(model), rope)], dtype="float32", device="cpu"),
-        lengths=[EVAL],
-        depths=depths,
-        trials=10,
-        progress=False,
-    )
-    rows = found["results"]
-    assert len(rows) == len(depths) > 0
-    return sum(r["correct"] for r in rows) / sum(r["trials"] for r in rows)
+def _far(model: Path, rope: RopeOverride | None = None) -> float:
+    return passkey_accuracy(model, EVAL, rope=rope, depths=FAR)
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +103,6 @@ def test_extension_retrieves_beyond_c0_where_the_base_model_and_interpolation_ca
     """Bounds sit between the measured figures (module docstring): the extended model well
     above, the base model and the untrained interpolation well below."""
     adapter, _ = extended
-    assert _accuracy(SHIPPED, depths=FAR) <= 0.2
-    assert _accuracy(SHIPPED, RopeOverride("linear", 4.0), depths=FAR) <= 0.2
-    assert _accuracy(adapter, depths=FAR) >= 0.6
+    assert _far(SHIPPED) <= 0.2
+    assert _far(SHIPPED, RopeOverride("linear", 4.0)) <= 0.2
+    assert _far(adapter) >= 0.6

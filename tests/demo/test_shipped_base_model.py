@@ -8,28 +8,17 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from demo.evaluate import PASSKEY_DEPTHS
 from demo.pretrain import CONTEXT, SHIPPED
-from longlora_plugin.evaluation.models import ModelSpec, RopeOverride
-from longlora_plugin.evaluation.runner import load_models, run_passkey
+from longlora_plugin.evaluation.models import RopeOverride
+from tests.support.passkey import passkey_accuracy
 
 DEPTHS = PASSKEY_DEPTHS  # the demo's grid: 5 depths x 10 keys, so the demo's figures
 
 
-def _accuracy(length: int, trials: int = 10, rope: RopeOverride | None = None) -> float:
-    torch.set_num_threads(1)
-    found = run_passkey(
-        load_models([ModelSpec("base", str(SHIPPED), rope)], dtype="float32", device="cpu"),
-        lengths=[length],
-        depths=DEPTHS,
-        trials=trials,
-        progress=False,
-    )
-    rows = found["results"]
-    assert len(rows) == len(DEPTHS)
-    return sum(r["correct"] for r in rows) / sum(r["trials"] for r in rows)
+def _accuracy(length: int, rope: RopeOverride | None = None) -> float:
+    return passkey_accuracy(SHIPPED, length, rope=rope, depths=DEPTHS)
 
 
 def test_shipped_base_model_retrieves_inside_its_context_only():
