@@ -29,6 +29,8 @@ FEATURES: dict[str, dict] = {
     "chunked_cross_entropy": {"chunked_cross_entropy": True},
     "tiled_mlp": {"tiled_mlp": True},
     "qlora": {"adapter": "qlora", "load_in_4bit": True},
+    # not a memory feature: Axolotl's per-group learning rate, which reaches the norms
+    "embedding_lr_scale": {"embedding_lr_scale": 0.1},
 }
 # Relative distance of each step's loss from the run without the feature. Chunking and
 # tiling change only the order of fp32 sums. Axolotl 0.21's chunked loss reads 0.41% lower
@@ -119,3 +121,16 @@ def test_liger_norms_are_the_trainable_norms(tiny_llama, monkeypatch):
     assert after.names == before.names and after.by_kind["norm"]
     norms = [m for n, m in model.named_modules() if n.endswith("norm")]
     assert len(norms) == 2 * 2 + 1 and all(isinstance(m, LigerRMSNorm) for m in norms)
+
+
+def test_embedding_lr_scale_reaches_the_norms_and_the_plugin_says_so(runs):
+    """Axolotl gives ``embedding_lr_scale`` to every ``modules_to_save`` weight, so the
+    norms the plugin trains in full get it too; the plugin's warning says so."""
+    (record,) = probe_records(runs["embedding_lr_scale"])
+    lrs = record["initial_lr"]
+    assert lrs["lora"] and lrs["embed"] and lrs["norm"], lrs
+    (lora,) = lrs["lora"]
+    assert lrs["embed"] == lrs["norm"] == [pytest.approx(0.1 * lora)]
+    assert probe_records(runs["plain"])[0]["initial_lr"]["norm"] == [pytest.approx(lora)]
+    log = (runs["embedding_lr_scale"].parent / "cfg.train.log").read_text(errors="replace")
+    assert "longlora: embedding_lr_scale=0.1 also applies to the norms" in log

@@ -32,6 +32,30 @@ def _bytes(tensors) -> int:
     return int(sum(t.numel() * t.element_size() for t in tensors))
 
 
+def _initial_lr(optimizer: Any, named: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """The learning rates (before the schedule) the optimizer's groups give the trainable
+    embedding copies, norm copies and LoRA factors: ``{"embed": [...], "norm": [...],
+    "lora": [...]}``, each sorted and without repeats."""
+    inner = _inner_optimizer(optimizer) if optimizer is not None else None
+    if inner is None:
+        return {}
+    kinds = {
+        "embed": "embed_tokens.modules_to_save",
+        "norm": "norm.modules_to_save",
+        "lora": "lora_",
+    }
+    found: dict[str, set[float]] = {kind: set() for kind in kinds}
+    ids = {id(p): n for n, p in named.items()}
+    for group in inner.param_groups:
+        lr = float(group.get("initial_lr", group["lr"]))
+        for param in group["params"]:
+            name = ids.get(id(param), "")
+            for kind, marker in kinds.items():
+                if marker in name:
+                    found[kind].add(lr)
+    return {kind: sorted(lrs) for kind, lrs in found.items()}
+
+
 def _local(param: torch.Tensor) -> torch.Tensor:
     """The part of ``param`` this rank stores (ZeRO-3 keeps a partition in ``ds_tensor``)."""
     return getattr(param, "ds_tensor", param)
@@ -101,6 +125,7 @@ class RankProbeCallback(TrainerCallback):
         model.get_input_embeddings().register_forward_pre_hook(seen)
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.optimizer = optimizer
         if model is not None and optimizer is not None:
             if not hasattr(self, "lengths"):
                 self._hook_inputs(model)
@@ -136,6 +161,7 @@ class RankProbeCallback(TrainerCallback):
             "loss_function": _qualified(getattr(model, "loss_function", None)),
             "mlp_forward": _qualified(_first_mlp(model).forward),
             "linear_4bit": sum(type(m).__name__ == "Linear4bit" for m in model.modules()),
+            "initial_lr": _initial_lr(getattr(self, "optimizer", None), named),
         }
         self._write()
 
