@@ -9,11 +9,15 @@ This benchmark asks what those keys do: it scores the same passkey grid as ``mak
 
 * ``full``: every earlier key (what ``make demo`` scores);
 * ``window:W``: the last W keys (itself included), as the sliding window of transformers;
-* ``window:W+S``: the same plus the first S keys of the sequence (an attention sink).
+* ``window:W+S``: the same plus the first S keys of the sequence (an attention sink, or,
+  with S = W, as many keys as ``window:2W`` of which half lie far back).
 
 If the copy works inside a G-token window at L but not with full attention at L, the keys
 beyond G (distances S2 training never showed) disturb it; if the sink column matches the
-window column, losing the first tokens is not why. Run after ``make demo``:
+window column, losing the first tokens is not why. ``window:256+256`` against
+``window:512`` tells the two readings apart: the same number of keys, but at 1024 half of
+them lie 768-1023 tokens back, so if it fails where ``window:512`` works, the distance of
+the keys disturbs the copy, not their number. Run after ``make demo``:
 
     OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.demo_reach \\
         [--model NAME=PATH ...] [--lengths 512,768,1024] [--attention full window:512 ...]
@@ -42,7 +46,7 @@ from longlora_plugin.s2.backend import unwrap_model
 
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_MODELS = ["longlora=outputs/demo/longlora"]
-DEFAULT_ATTENTION = ["full", "window:512", "window:512+4", "window:256"]
+DEFAULT_ATTENTION = ["full", "window:512", "window:512+4", "window:256", "window:256+256"]
 
 
 WINDOW_SPEC = re.compile(r"window:([1-9][0-9]*)(?:\+([1-9][0-9]*))?")
