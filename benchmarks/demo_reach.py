@@ -10,7 +10,10 @@ This benchmark asks what those keys do: it scores the same passkey grid as ``mak
 * ``full``: every earlier key (what ``make demo`` scores);
 * ``window:W``: the last W keys (itself included), as the sliding window of transformers;
 * ``window:W+S``: the same plus the first S keys of the sequence (an attention sink, or,
-  with S = W, as many keys as ``window:2W`` of which half lie far back).
+  with S = W, as many keys as ``window:2W`` of which half lie far back);
+* ``window:W@L1,L2,...`` (with or without ``+S``): the window on those decoder layers only
+  (``layer_idx``, from 0), full attention on the others: which layer's far keys break
+  the copy.
 
 If the copy works inside a G-token window at L but not with full attention at L, the keys
 beyond G (distances S2 training never showed) disturb it; if the sink column matches the
@@ -49,28 +52,35 @@ DEFAULT_MODELS = ["longlora=outputs/demo/longlora"]
 DEFAULT_ATTENTION = ["full", "window:512", "window:512+4", "window:256", "window:256+256"]
 
 
-WINDOW_SPEC = re.compile(r"window:([1-9][0-9]*)(?:\+([1-9][0-9]*))?")
+WINDOW_SPEC = re.compile(r"window:([1-9][0-9]*)(?:\+([1-9][0-9]*))?(?:@([0-9]+(?:,[0-9]+)*))?")
 
 
-def parse_attention(spec: str) -> tuple[int | None, int]:
-    """``full`` -> ``(None, 0)``; ``window:W`` -> ``(W, 0)``; ``window:W+S`` -> ``(W, S)``."""
+def parse_attention(spec: str) -> tuple[int | None, int, frozenset[int] | None]:
+    """``full`` -> ``(None, 0, None)``; ``window:W`` -> ``(W, 0, None)``; ``window:W+S``
+    -> ``(W, S, None)``; ``window:W@1,3`` -> ``(W, 0, {1, 3})`` (None: every layer)."""
     if spec == "full":
-        return None, 0
+        return None, 0, None
     match = WINDOW_SPEC.fullmatch(spec)
     if match is None:
         raise argparse.ArgumentTypeError(
-            f"--attention {spec!r}: expected full, window:W or window:W+S (W, S positive integers)"
+            f"--attention {spec!r}: expected full, window:W, window:W+S or window:W@L1,L2 "
+            "(W, S positive integers, L layer indices from 0)"
         )
-    return int(match[1]), int(match[2] or 0)
+    layers = frozenset(int(n) for n in match[3].split(",")) if match[3] else None
+    return int(match[1]), int(match[2] or 0), layers
 
 
-def limited_sdpa(window: int, sink: int):
+def limited_sdpa(window: int, sink: int, layers: frozenset[int] | None = None):
     """An attention function for ``AttentionInterface``: transformers' SDPA attention with
     a mask where a query at position i sees key j only if ``0 <= i - j < window`` or
-    ``j < sink``, and-ed with the mask transformers passes (boolean or none). Works with
-    the KV cache (the queries are the last ``q_len`` positions of the keys)."""
+    ``j < sink``, and-ed with the mask transformers passes (boolean or none), on the
+    layers whose ``layer_idx`` is in ``layers`` (every layer when None); the other layers
+    get plain SDPA with the mask transformers passes. Works with the KV cache (the queries
+    are the last ``q_len`` positions of the keys)."""
 
     def attention(module, query, key, value, attention_mask, **kwargs):
+        if layers is not None and module.layer_idx not in layers:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         q_len, k_len = query.shape[-2], key.shape[-2]
         query_pos = torch.arange(k_len - q_len, k_len, device=query.device)[:, None]
         key_pos = torch.arange(k_len, device=query.device)[None, :]
@@ -93,13 +103,14 @@ def attention_spec(spec: str) -> str:
 
 def set_attention(model: torch.nn.Module, spec: str) -> None:
     """Switch ``model`` (possibly a PEFT model) to the attention ``spec`` names."""
-    window, sink = parse_attention(spec)
+    window, sink, layers = parse_attention(spec)
     base = unwrap_model(model)
     if window is None:
         base.set_attn_implementation("sdpa")
         return
-    name = f"demo_reach_window_{window}_sink_{sink}"
-    AttentionInterface.register(name, limited_sdpa(window, sink))
+    on = "all" if layers is None else "_".join(str(n) for n in sorted(layers))
+    name = f"demo_reach_window_{window}_sink_{sink}_layers_{on}"
+    AttentionInterface.register(name, limited_sdpa(window, sink, layers))
     base.set_attn_implementation(name)
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -132,6 +133,36 @@ def test_demo_reach_window_through_a_real_model():
     assert model.config._attn_implementation == "sdpa"
 
 
+def test_demo_reach_window_on_chosen_layers_only():
+    """``window:W@L``: in a two-layer model, the window on layer 1 only leaves layer 0's
+    output (its hidden state) as under full attention and changes the logits; on both
+    layers it equals ``window:W``."""
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.demo_reach import set_attention
+    from demo.tiny_models import tiny_config
+
+    torch.manual_seed(0)
+    config = tiny_config("llama", vocab_size=64, num_hidden_layers=2)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.set_attn_implementation("sdpa")
+    ids = torch.randint(3, 64, (1, 12))
+
+    def run(spec):
+        set_attention(model, spec)
+        with torch.no_grad():
+            out = model(input_ids=ids, output_hidden_states=True)
+        return out.hidden_states[1], out.logits
+
+    full_h1, full_logits = run("full")
+    late_h1, late_logits = run("window:4@1")
+    torch.testing.assert_close(late_h1, full_h1)
+    assert not torch.allclose(late_logits, full_logits)
+    early_h1, _ = run("window:4@0")
+    assert not torch.allclose(early_h1, full_h1)
+    torch.testing.assert_close(run("window:4@0,1")[1], run("window:4")[1])
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -143,6 +174,9 @@ def test_demo_reach_window_through_a_real_model():
         "window:4+0",
         "band:4",
         "window:4+y",
+        "window:4@",
+        "window:4@1,",
+        "window:4@x",
     ],
 )
 def test_demo_reach_refuses_a_bad_attention_spec(bad, capsys):
@@ -150,4 +184,112 @@ def test_demo_reach_refuses_a_bad_attention_spec(bad, capsys):
 
     with pytest.raises(SystemExit):
         main(["--attention", bad])
-    assert f"--attention {bad!r}: expected full, window:W or window:W+S" in capsys.readouterr().err
+    assert f"--attention {bad!r}: expected full, window:W, window:W+S or window:W@L1,L2" in (
+        capsys.readouterr().err
+    )
+
+
+def test_demo_frequencies_sum_to_the_real_attention():
+    """The captured rotated queries and keys of a real two-layer Llama (GQA 4/2 heads,
+    linear RoPE x4), split per frequency and summed, are the logits of layer 1: their
+    causal softmax equals transformers' eager attention probabilities; the half-periods
+    are pi / inv_freq with the interpolation."""
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.demo_frequencies import captured_qk, frequency_logits, half_periods
+    from demo.tiny_models import tiny_config
+
+    torch.manual_seed(0)
+    rope = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+    model = AutoModelForCausalLM.from_config(
+        tiny_config("llama", vocab_size=64, rope_parameters=rope)
+    ).eval()
+    ids = torch.randint(3, 64, (1, 20))
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        expected = model(input_ids=ids, output_attentions=True).attentions[1][0]  # [H, L, L]
+    with captured_qk(model, {1}) as store, torch.no_grad():
+        model(input_ids=ids)
+    assert model.config._attn_implementation == "eager"  # set back
+    got = store[1]
+    assert got["groups"] == 2 and got["key"].shape[1] == 2
+    positions = torch.arange(20)
+    parts = frequency_logits(got["query"][0], got["key"][0], got["scaling"], 2, positions)
+    assert parts.shape == (4, 20, 20, 8)  # head_dim 16: 8 frequencies
+    logits = parts.sum(-1).masked_fill(positions[None, :] > positions[:, None], float("-inf"))
+    torch.testing.assert_close(logits.softmax(-1), expected, atol=1e-5, rtol=1e-4)
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, 16, 2).float() / 16) / 4.0
+    assert half_periods(model) == pytest.approx((torch.pi / inv_freq).tolist(), rel=1e-5)
+
+
+def test_demo_frequencies_pairs_the_rotary_planes():
+    """One constant vector rotated by transformers' RoPE at every position: frequency i's
+    contribution at distance d is scaling * (x_i^2 + x_{i+D/2}^2) * cos(inv_freq_i * d),
+    which only the rotate_half pairing (i with i + D/2) gives."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from benchmarks.demo_frequencies import frequency_logits
+
+    torch.manual_seed(0)
+    dim, length = 8, 12
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, dim, 2).float() / dim)
+    angles = torch.arange(length).float()[:, None] * inv_freq[None, :]
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    x = torch.randn(dim).expand(1, 1, length, dim)
+    q, k = apply_rotary_pos_emb(x, x, cos[None], sin[None])
+    positions = torch.tensor([length - 1])
+    parts = frequency_logits(q[0], k[0], 0.5, 1, positions)[0, 0]  # [keys, frequencies]
+    planes = x[0, 0, 0, : dim // 2] ** 2 + x[0, 0, 0, dim // 2 :] ** 2
+    distance = (length - 1 - torch.arange(length)).float()
+    expected = 0.5 * planes[None, :] * torch.cos(distance[:, None] * inv_freq[None, :])
+    torch.testing.assert_close(parts, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_demo_frequencies_bins_and_far_flip():
+    """by_distance averages each (query, key) pair into its distance bin (causal pairs
+    only, by hand here); attention_mass bins the causal softmax (summing to 1 when the
+    bins cover every distance); far_flip takes the largest rise between two bins."""
+    from benchmarks.demo_frequencies import attention_mass, by_distance, far_flip
+
+    torch.manual_seed(0)
+    parts = torch.randn(2, 3, 10, 4)  # heads, queries, keys, frequencies
+    positions = torch.tensor([5, 7, 9])
+    bins = (0, 2, 6, 10)
+    table = by_distance(parts, positions, bins)
+    assert table.shape == (2, 4, 3)
+    for b, (lo, hi) in enumerate(pairwise(bins)):
+        pairs = [
+            (q, k) for q, t in enumerate(positions.tolist()) for k in range(10) if lo <= t - k < hi
+        ]
+        assert pairs
+        manual = torch.stack([parts[:, q, k] for q, k in pairs]).mean(0)
+        torch.testing.assert_close(table[..., b], manual)
+    mass = attention_mass(parts, positions, bins)
+    expected = torch.zeros(2, 3)
+    logits = parts.sum(-1)
+    for q, t in enumerate(positions.tolist()):
+        probs = logits[:, q, : t + 1].softmax(-1)  # the causal keys 0..t
+        for b, (lo, hi) in enumerate(pairwise(bins)):
+            keys = [k for k in range(t + 1) if lo <= t - k < hi]
+            expected[:, b] += probs[:, keys].sum(-1) / len(positions)
+    torch.testing.assert_close(mass, expected)
+    torch.testing.assert_close(mass.sum(-1), torch.ones(2))
+    head = torch.tensor([[0.0, -1.0, 0.5], [0.0, -0.2, 1.5], [0.0, 0.3, 0.1]])
+    rise, frequency = far_flip(head, 1, 2)
+    assert (round(rise, 6), frequency) == (1.7, 1)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--bins", "0,8,8"], "--bins '0,8,8': expected increasing non-negative integers"),
+        (["--bins", "5"], "--bins '5': expected increasing"),
+        (["--flip", "0-8:8-99"], "--flip '0-8:8-99': both sides must be bins of --bins"),
+    ],
+)
+def test_demo_frequencies_refuses_bad_arguments(args, message, capsys):
+    from benchmarks.demo_frequencies import main
+
+    with pytest.raises(SystemExit):
+        main(args)
+    assert message in capsys.readouterr().err
