@@ -25,9 +25,11 @@ export PYTHONWARNINGS := ignore::DeprecationWarning
 export DS_BUILD_OPS := 0
 
 # Each leg: two pytest-xdist workers (the machine's 2 cores) that take whole modules, so a
-# module's shared training runs are paid once; the 15 slowest tests and the leg's wall
-# time are printed. Budget: `make test` <= 30 min from a fresh clone (README).
-PYTEST := -m pytest -q -n 2 --dist loadfile --durations=15
+# module's shared training runs are paid once, in the order tests/conftest.py gives (the
+# heaviest modules first; xdist would put modules with few tests last); the 15 slowest
+# tests and the leg's wall time are printed. Budget: `make test` <= 30 min from a fresh
+# clone (README).
+PYTEST := -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 # wall time of a command, after its output; keeps its exit status
 TIMED = start=$$(date +%s); $(1); rc=$$?; echo "=== $(2): $$(( $$(date +%s) - start )) s wall"; exit $$rc
 # the 0.21 venv is built in the background while the 0.19 leg runs (pip is mostly I/O)

@@ -131,3 +131,13 @@ def test_group_size_rule_is_written_once():
             ):
                 found.setdefault("multiplies a ratio", []).append(where)
     assert not found
+
+
+def test_heavy_first_modules_exist():
+    """The scheduling list in tests/conftest.py names real modules (a renamed module
+    would silently drop out of it)."""
+    from tests.conftest import HEAVY_FIRST
+
+    assert HEAVY_FIRST
+    for path in HEAVY_FIRST:
+        assert (REPO / path).is_file(), path
