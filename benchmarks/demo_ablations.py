@@ -102,8 +102,11 @@ SEARCH: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def row_config(name: str, changes: dict[str, Any], steps: int | None) -> Path:
-    """The demo config with ``changes`` applied, written to ``outputs/ablations/<name>.yml``."""
+def row_config(
+    name: str, changes: dict[str, Any], steps: int | None, seed: int | None = None
+) -> Path:
+    """The demo config with ``changes`` applied (and ``max_steps`` / ``seed`` when given),
+    written to ``outputs/ablations/<name>.yml``."""
     cfg = yaml.safe_load(CONFIG.read_text())
     for key, value in changes.items():
         cfg[key] = {**cfg[key], **value} if key == "longlora" else value
@@ -111,6 +114,8 @@ def row_config(name: str, changes: dict[str, Any], steps: int | None) -> Path:
     cfg["dataset_prepared_path"] = str(OUT / "prepared")
     if steps:
         cfg["max_steps"] = steps
+    if seed is not None:
+        cfg["seed"] = seed
     path = OUT / f"{name}.yml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -118,11 +123,15 @@ def row_config(name: str, changes: dict[str, Any], steps: int | None) -> Path:
 
 
 def train(
-    name: str, changes: dict[str, Any], env: dict[str, str], steps: int | None
+    name: str,
+    changes: dict[str, Any],
+    env: dict[str, str],
+    steps: int | None,
+    seed: int | None = None,
 ) -> tuple[float, int]:
     """Train one row; returns Axolotl's ``train_runtime`` per step (seconds) and the
     steps trained."""
-    config = row_config(name, changes, steps)
+    config = row_config(name, changes, steps, seed)
     log = OUT / f"{name}.log"
     with log.open("w") as fh:
         subprocess.run(
@@ -239,6 +248,14 @@ def main() -> None:
         help="run these rows only (the SEARCH rows run only when named)",
     )
     parser.add_argument("--steps", type=int, help="max_steps of every trained row")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        help="the config's seed for every trained row (default: the config's); the rows "
+        "are then recorded as NAME@seedN, so several seeds of one row sit side by side",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the results JSON")
+    parser.add_argument("--png", type=Path, default=PLOT, help="the plot")
     args = parser.parse_args()
     base = Path("outputs/demo/base")
     if not (base / "config.json").is_file():
@@ -252,30 +269,37 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for name in args.only or list(ROWS):
         description, changes = {**ROWS, **SEARCH}[name]
-        print(f"== {name}: {description}", flush=True)
+        key = name if args.seed is None or changes is None else f"{name}@seed{args.seed}"
+        print(f"== {key}: {description}", flush=True)
         started = time.perf_counter()
         row: dict[str, Any] = {"description": description, "changes": changes}
         if changes is None:
             rope = RopeOverride(interpolation_type(CONFIG), lengths.factor)
             row.update(evaluate(name, base, rope, lengths.eval_lengths))
         else:
-            row["seconds_per_step"], row["steps"] = train(name, changes, env, args.steps)
-            row.update(evaluate(name, OUT / name, None, lengths.eval_lengths))
+            row["seconds_per_step"], row["steps"] = train(key, changes, env, args.steps, args.seed)
+            row["seed"] = args.seed
+            row.update(evaluate(key, OUT / key, None, lengths.eval_lengths))
+            if args.seed is not None:
+                row["description"] = f"{description}, seed {args.seed}"
         row["seconds"] = round(time.perf_counter() - started)
-        results[name] = row
+        results[key] = row
         results["_measured"] = {
             "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "threads": env["OMP_NUM_THREADS"],
         }
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    ordered = {name: results[name] for name in {**ROWS, **SEARCH} if name in results}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    known = [name for name in {**ROWS, **SEARCH} if name in results]
+    seeded = sorted(k for k in results if k not in known and not k.startswith("_"))
+    ordered = {name: results[name] for name in known + seeded}
     print(table(ordered, lengths.eval_lengths))
-    plot(ordered, lengths.eval_lengths, PLOT)
-    print(f"{RESULTS}, {PLOT}")
+    plot(ordered, lengths.eval_lengths, args.png)
+    print(f"{args.out}, {args.png}")
 
 
 if __name__ == "__main__":

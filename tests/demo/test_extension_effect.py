@@ -1,17 +1,27 @@
 """The effect in CI: the shipped base model (C0 = 256), extended 4x by ``axolotl train``
 with the plugins on the demo's own recipe (``example_configs/quickstart-cpu.yml``, 250 of
-its 800 steps), retrieves passkeys at 2x C0 whose key lies more than C0 tokens before the
-question - where neither the base model nor the interpolation without training can.
+its 800 steps), knows the passkeys at 2x C0 whose key lies more than C0 tokens before the
+question - where neither the base model nor the interpolation without training does.
 
 The run is the demo's: the same mix (Austen's novels and retrieval documents, answers
 labelled), S2-Attn (G = 512), LoRA + embeddings and norms, linear RoPE interpolation, the
 demo's answer-weighted loss; only the steps differ. It is evaluated with full attention on
 the demo's passkey keys (the evaluation's seed, never trained on), at 2x C0 because a
 model trained with S2-Attn retrieves up to about G with full attention, not to the trained
-length (docs/demo.md). Measured 2026-12-03 (2-core CPU): far depths 0.85 extended, 0.05
-base, 0.00 linear x4 alone; with a leak in the S2 kernel (non-causal groups) 0.00, so the
-test fails. Without interpolation the far depths reach 0.95: at this scale training alone
-teaches the new positions, and only the RoPE log line below catches that run.
+length (docs/demo.md).
+
+What is asserted, and why (docs/demo.md, "The effect in CI", has the figures): the
+answer's likelihood, and exact match only against the base model. At 250 steps the exact
+match at the far depths spreads from 0.20 to 0.95 over six seeds of the same run
+(``benchmarks/results/effect_spread.json``, 2026-12-07), and the CI run of 2026-12-07 gave
+0.40 on one leg where a bound of 0.6 had been set from two runs: the run re-learns the
+copy that linear interpolation breaks, and 250 steps leave it half learned in some runs.
+The answer's mean negative log-likelihood separates every run from the untrained models:
+0.04-0.73 nats per token for the six seeds, 2.07 for the base model, 2.48 for linear x4
+alone. With a leak in the S2 kernel (non-causal groups, a temporary edit) the run scores
+1.49 and exact match 0.00, so the test fails. Without interpolation the run retrieves
+as well (training teaches the new positions at this scale), and only the RoPE log line
+below catches it.
 """
 
 from __future__ import annotations
@@ -23,18 +33,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from demo.effect import FAR, far_accuracy, far_answer_nll
+from demo.effect import LENGTH as EVAL
 from demo.pipeline import DOC_WORDS, LONGLORA_CONFIG, RETRIEVAL_SHARE
 from demo.pretrain import CONTEXT, SHIPPED
-from longlora_plugin.evaluation.models import RopeOverride
+from longlora_plugin.evaluation.models import ModelSpec, RopeOverride
 from longlora_plugin.offline import OFFLINE_ENV
-from tests.support.passkey import passkey_accuracy
 
 REPO = Path(__file__).resolve().parents[2]
 TARGET = 4 * CONTEXT  # the demo's extension
-EVAL = 2 * CONTEXT
-FAR = (0.0, 0.25)  # depths whose key lies more than C0 tokens before the question at EVAL
 STEPS = 250
 
 pytestmark = pytest.mark.skipif(
@@ -43,7 +53,13 @@ pytestmark = pytest.mark.skipif(
 
 
 def _far(model: Path, rope: RopeOverride | None = None) -> float:
-    return passkey_accuracy(model, EVAL, rope=rope, depths=FAR)
+    torch.set_num_threads(1)  # two pytest workers share the 2-core machine
+    return far_accuracy(ModelSpec("m", str(model), rope), EVAL, FAR)
+
+
+def _far_nll(model: Path, rope: RopeOverride | None = None) -> float:
+    torch.set_num_threads(1)
+    return far_answer_nll(ModelSpec("m", str(model), rope), EVAL, FAR)
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +115,23 @@ def test_the_run_is_the_demos_recipe(extended):
     assert "demo: answer-weighted loss" in log
 
 
-def test_extension_retrieves_beyond_c0_where_the_base_model_and_interpolation_cannot(extended):
-    """Bounds sit between the measured figures (module docstring): the extended model well
-    above, the base model and the untrained interpolation well below."""
+def test_extension_knows_the_keys_beyond_c0_where_the_base_model_and_interpolation_do_not(
+    extended,
+):
+    """Bounds sit between the measured figures (module docstring): the extended model's
+    answer NLL at most 1.0 nats per token and at most half the base model's, the base
+    model's and the untrained interpolation's at least 1.5; exact match of the extended
+    model no lower than the base model's, which itself stays at most 0.2."""
     adapter, _ = extended
-    assert _far(SHIPPED) <= 0.2
+    base, interpolation = _far_nll(SHIPPED), _far_nll(SHIPPED, RopeOverride("linear", 4.0))
+    extension = _far_nll(adapter)
+    found, base_found = _far(adapter), _far(SHIPPED)
+    print(
+        f"far depths at {EVAL}: answer NLL {extension:.3f} (base {base:.3f}, linear x4 "
+        f"alone {interpolation:.3f}); exact match {found:.2f} (base {base_found:.2f})"
+    )
+    assert base >= 1.5 and interpolation >= 1.5
+    assert extension <= min(1.0, 0.5 * base)
+    assert base_found <= 0.2
     assert _far(SHIPPED, RopeOverride("linear", 4.0)) <= 0.2
-    assert _far(adapter) >= 0.6
+    assert found >= base_found
