@@ -19,9 +19,12 @@ the shift, plain LoRA, LoRA + norm, LoRA + embed, and interpolation only (no tra
 The :data:`SEARCH` rows (the recipe search in docs/demo.md) run only when named:
 ``--only NAME --steps 400``.
 Prints a table, writes ``benchmarks/results/demo_ablations.json`` and a plot
-``docs/img/demo-ablations.png``::
+``docs/img/demo-ablations.png`` (``--out`` / ``--png`` elsewhere); ``--seed S`` trains every
+row with the config's seed set to S and records it as ``NAME@seedS`` (the CI effect test's
+spread over seeds: ``--only s2 --steps 250 --seed S --out
+benchmarks/results/effect_spread.json``)::
 
-    .venv/bin/python -m benchmarks.demo_ablations [--only NAME ...] [--steps N]
+    .venv/bin/python -m benchmarks.demo_ablations [--only NAME ...] [--steps N] [--seed S]
 """
 
 from __future__ import annotations
@@ -90,6 +93,10 @@ SEARCH: dict[str, tuple[str, dict[str, Any]]] = {
     "yarn": (
         "YaRN x4 instead of linear",
         {"longlora": {"rope": {"type": "yarn", "factor": "auto"}}},
+    ),
+    "no-interpolation": (
+        "no RoPE interpolation (positions 256-1023 learned directly)",
+        {"longlora": {"rope": {"type": "none"}}},
     ),
     "previous": (
         "the previous recipe: YaRN, G = L/4, token-mean loss, lr 5e-4",
@@ -281,10 +288,9 @@ def main() -> None:
             row.update(evaluate(name, base, rope, lengths.eval_lengths))
         else:
             row["seconds_per_step"], row["steps"] = train(key, changes, env, args.steps, args.seed)
-            row["seed"] = args.seed
             row.update(evaluate(key, OUT / key, None, lengths.eval_lengths))
             if args.seed is not None:
-                row["description"] = f"{description}, seed {args.seed}"
+                row["seed"], row["description"] = args.seed, f"{description}, seed {args.seed}"
         row["seconds"] = round(time.perf_counter() - started)
         results[key] = row
         results["_measured"] = {

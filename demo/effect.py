@@ -7,8 +7,14 @@ than C0 tokens before the question (depths 0 and 0.25, the evaluation's keys), s
   ``" <key>"`` after the prompt (teacher-forced): how well the model knows the key, where
   exact match only says whether every token won.
 
+:func:`with_pretrained_rope` gives an adapter back the base model's RoPE: the answer NLL
+there says whether the run learned the interpolated positions (a run trained with
+interpolation loses the keys at the positions it was pre-trained with; one trained
+without it is unchanged).
+
 ``python -m demo.effect --model NAME=PATH [--rope NAME=TYPE:FACTOR] ...`` prints both for
-each model and writes them as JSON (``--out``); with the adapters of
+each model (and, for an adapter without ``--rope``, the answer NLL with the base model's
+RoPE) and writes them as JSON (``--out``); with the adapters of
 ``python -m benchmarks.demo_ablations --only s2 --steps 250 --seed S`` it gives the
 spread of the CI run over seeds (docs/demo.md, "The effect in CI").
 """
@@ -18,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +35,7 @@ import torch
 from demo.pretrain import CONTEXT
 from longlora_plugin.evaluation import passkey as pk
 from longlora_plugin.evaluation.loss import IGNORE_INDEX, token_nll
-from longlora_plugin.evaluation.models import ModelSpec, load_eval_model
+from longlora_plugin.evaluation.models import ModelSpec, is_adapter_dir, load_eval_model
 from longlora_plugin.evaluation.runner import load_models, run_passkey
 
 LENGTH = 2 * CONTEXT
@@ -67,6 +75,20 @@ def far_answer_nll(spec: ModelSpec, length: int = LENGTH, depths: Sequence[float
     return total / tokens
 
 
+def with_pretrained_rope(adapter: Path, dest: Path) -> Path:
+    """Copy the adapter output directory ``adapter`` to ``dest`` with its ``config.json``
+    given the base model's ``rope_parameters`` and ``max_position_embeddings`` (the rest
+    of the run's config kept); return ``dest``."""
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    pretrained = json.loads((Path(base) / "config.json").read_text())
+    shutil.copytree(adapter, dest, ignore=shutil.ignore_patterns("checkpoint-*"))
+    config = json.loads((adapter / "config.json").read_text())
+    for key in ("rope_parameters", "max_position_embeddings"):
+        config[key] = pretrained[key]
+    (dest / "config.json").write_text(json.dumps(config, indent=2))
+    return dest
+
+
 def main(argv: list[str] | None = None) -> None:
     from longlora_plugin.cli.eval import model_specs
 
@@ -85,11 +107,17 @@ def main(argv: list[str] | None = None) -> None:
             "exact_match": far_accuracy(spec),
             "answer_nll": round(far_answer_nll(spec), 4),
         }
-        print(
+        message = (
             f"{spec.name}: exact match {row['exact_match']:.2f}, answer NLL "
-            f"{row['answer_nll']:.3f} nats/token",
-            flush=True,
+            f"{row['answer_nll']:.3f} nats/token"
         )
+        if spec.rope is None and is_adapter_dir(spec.path):
+            with tempfile.TemporaryDirectory() as scratch:
+                copy = with_pretrained_rope(Path(spec.path), Path(scratch) / "adapter")
+                nll = far_answer_nll(ModelSpec(spec.name, str(copy)))
+            row["answer_nll_pretrained_rope"] = round(nll, 4)
+            message += f", {nll:.3f} with the base model's RoPE"
+        print(message, flush=True)
         rows.append(row)
     payload = {
         "measurement": "demo.effect",
