@@ -22,9 +22,11 @@ Prints a table, writes ``benchmarks/results/demo_ablations.json`` and a plot
 ``docs/img/demo-ablations.png`` (``--out`` / ``--png`` elsewhere); ``--seed S`` trains every
 row with the config's seed set to S and records it as ``NAME@seedS`` (the CI effect test's
 spread over seeds: ``--only s2 --steps 250 --seed S --out
-benchmarks/results/effect_spread.json``)::
+benchmarks/results/effect_spread.json``); ``--base DIR`` extends another base model (a
+``python -m demo.pretrain --out DIR`` one) on the demo's data, its rows' adapters under
+``outputs/ablations/<DIR's name>/`` (docs/demo.md, "A stronger base model")::
 
-    .venv/bin/python -m benchmarks.demo_ablations [--only NAME ...] [--steps N] [--seed S]
+    .venv/bin/python -m benchmarks.demo_ablations [--only NAME ...] [--steps N] [--seed S] [--base DIR]
 """
 
 from __future__ import annotations
@@ -109,21 +111,34 @@ SEARCH: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def row_dir(name: str, base: Path | None = None) -> Path:
+    """Where a row's adapter goes: ``outputs/ablations/<name>``, under ``<base dir name>/``
+    for another base model."""
+    return OUT / name if base is None else OUT / base.name / name
+
+
 def row_config(
-    name: str, changes: dict[str, Any], steps: int | None, seed: int | None = None
+    name: str,
+    changes: dict[str, Any],
+    steps: int | None,
+    seed: int | None = None,
+    base: Path | None = None,
 ) -> Path:
-    """The demo config with ``changes`` applied (and ``max_steps`` / ``seed`` when given),
-    written to ``outputs/ablations/<name>.yml``."""
+    """The demo config with ``changes`` applied (and ``max_steps`` / ``seed`` / another
+    ``base_model`` when given), written to ``outputs/ablations/<name>.yml``."""
     cfg = yaml.safe_load(CONFIG.read_text())
     for key, value in changes.items():
         cfg[key] = {**cfg[key], **value} if key == "longlora" else value
-    cfg["output_dir"] = str(OUT / name)
+    cfg["output_dir"] = str(row_dir(name, base))
     cfg["dataset_prepared_path"] = str(OUT / "prepared")
+    if base is not None:  # its own tokenizer: its own tokenized copy of the data
+        cfg["base_model"] = str(base)
+        cfg["dataset_prepared_path"] = str(OUT / f"prepared-{base.name}")
     if steps:
         cfg["max_steps"] = steps
     if seed is not None:
         cfg["seed"] = seed
-    path = OUT / f"{name}.yml"
+    path = row_dir(name, base).with_suffix(".yml")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -135,11 +150,12 @@ def train(
     env: dict[str, str],
     steps: int | None,
     seed: int | None = None,
+    base: Path | None = None,
 ) -> tuple[float, int]:
     """Train one row; returns Axolotl's ``train_runtime`` per step (seconds) and the
     steps trained."""
-    config = row_config(name, changes, steps, seed)
-    log = OUT / f"{name}.log"
+    config = row_config(name, changes, steps, seed, base)
+    log = row_dir(name, base).with_suffix(".log")
     with log.open("w") as fh:
         subprocess.run(
             [sys.executable, "-m", "axolotl.cli.train", str(config)],
@@ -263,10 +279,17 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="the results JSON")
     parser.add_argument("--png", type=Path, default=PLOT, help="the plot")
+    parser.add_argument(
+        "--base",
+        type=Path,
+        help="extend this base model instead of the demo's outputs/demo/base (a `python -m "
+        "demo.pretrain --out DIR` model; the demo's data is still needed); use with --out",
+    )
     args = parser.parse_args()
-    base = Path("outputs/demo/base")
+    base = args.base or Path("outputs/demo/base")
     if not (base / "config.json").is_file():
-        raise SystemExit("run `make demo` first: outputs/demo/base is missing")
+        hint = "run `make demo` first" if args.base is None else "--base: no model there"
+        raise SystemExit(f"{hint}: {base}/config.json is missing")
     from demo.pipeline import Lengths, interpolation_type
     from longlora_plugin.evaluation.models import RopeOverride
 
@@ -287,10 +310,14 @@ def main() -> None:
             rope = RopeOverride(interpolation_type(CONFIG), lengths.factor)
             row.update(evaluate(name, base, rope, lengths.eval_lengths))
         else:
-            row["seconds_per_step"], row["steps"] = train(key, changes, env, args.steps, args.seed)
-            row.update(evaluate(key, OUT / key, None, lengths.eval_lengths))
+            row["seconds_per_step"], row["steps"] = train(
+                key, changes, env, args.steps, args.seed, args.base
+            )
+            row.update(evaluate(key, row_dir(key, args.base), None, lengths.eval_lengths))
             if args.seed is not None:
                 row["seed"], row["description"] = args.seed, f"{description}, seed {args.seed}"
+        if args.base is not None:
+            row["base"] = str(args.base)
         row["seconds"] = round(time.perf_counter() - started)
         results[key] = row
         results["_measured"] = {

@@ -293,3 +293,31 @@ def test_demo_frequencies_refuses_bad_arguments(args, message, capsys):
     with pytest.raises(SystemExit):
         main(args)
     assert message in capsys.readouterr().err
+
+
+def test_demo_ablations_row_config_for_another_base(tmp_path, monkeypatch):
+    """``--base``: a row's config trains that model, into its own folder, with its own
+    tokenized data; the row's changes merge into the shipped ``longlora`` block, which
+    still validates; without it the row trains the demo's base model."""
+    import yaml
+
+    from benchmarks import demo_ablations as ablations
+    from longlora_plugin.config import LongLoRAConfig
+
+    monkeypatch.setattr(ablations, "OUT", tmp_path)
+    shipped = yaml.safe_load(ablations.CONFIG.read_text())
+    base = tmp_path / "base3600"
+    path = ablations.row_config("full", {"longlora": {"s2_attn": False}}, 800, 3, base)
+    cfg = yaml.safe_load(path.read_text())
+    assert path == tmp_path / "base3600" / "full.yml"
+    assert cfg["base_model"] == str(base)
+    assert cfg["output_dir"] == str(tmp_path / "base3600" / "full")
+    assert cfg["dataset_prepared_path"] == str(tmp_path / "prepared-base3600")
+    assert (cfg["max_steps"], cfg["seed"]) == (800, 3)
+    assert cfg["longlora"] == {**shipped["longlora"], "s2_attn": False}
+    assert LongLoRAConfig.model_validate(cfg["longlora"]).s2_attn is False
+
+    default = yaml.safe_load(ablations.row_config("s2", {}, None).read_text())
+    assert default["base_model"] == shipped["base_model"]
+    assert default["output_dir"] == str(tmp_path / "s2")
+    assert default["dataset_prepared_path"] == str(tmp_path / "prepared")
