@@ -125,7 +125,7 @@ def row_config(
     base: Path | None = None,
 ) -> Path:
     """The demo config with ``changes`` applied (and ``max_steps`` / ``seed`` / another
-    ``base_model`` when given), written to ``outputs/ablations/<name>.yml``."""
+    ``base_model`` when given), written beside its adapter (:func:`row_dir`) as ``.yml``."""
     cfg = yaml.safe_load(CONFIG.read_text())
     for key, value in changes.items():
         cfg[key] = {**cfg[key], **value} if key == "longlora" else value
@@ -286,6 +286,11 @@ def main() -> None:
         "demo.pretrain --out DIR` model; the demo's data is still needed); use with --out",
     )
     args = parser.parse_args()
+    if args.base is not None and (args.out == RESULTS or args.png == PLOT):
+        parser.error(
+            f"--base {args.base}: give --out and --png too; the defaults ({RESULTS.name}, "
+            f"{PLOT.name}) hold the demo base model's rows, which this run would replace"
+        )
     base = args.base or Path("outputs/demo/base")
     if not (base / "config.json").is_file():
         hint = "run `make demo` first" if args.base is None else "--base: no model there"

@@ -321,3 +321,16 @@ def test_demo_ablations_row_config_for_another_base(tmp_path, monkeypatch):
     assert default["base_model"] == shipped["base_model"]
     assert default["output_dir"] == str(tmp_path / "s2")
     assert default["dataset_prepared_path"] == str(tmp_path / "prepared")
+
+
+def test_demo_ablations_refuses_another_base_into_the_demos_results(tmp_path, monkeypatch, capsys):
+    """``--base`` without ``--out`` / ``--png`` would overwrite the shipped rows: refused
+    before anything trains, naming the option and the file."""
+    from benchmarks import demo_ablations as ablations
+
+    monkeypatch.setattr(sys, "argv", ["demo_ablations", "--base", str(tmp_path / "base3600")])
+    with pytest.raises(SystemExit) as exit_info:
+        ablations.main()
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert f"--base {tmp_path / 'base3600'}" in message and "demo_ablations.json" in message
